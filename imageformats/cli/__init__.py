@@ -1,0 +1,74 @@
+"""The ``imageformats`` command: one module per subcommand, qemu-img conventions.
+
+Each module in COMMAND_MODULES has ``register(subparsers)`` that adds its parser
+with ``set_defaults(func=run)``.  User errors print one line on stderr and exit
+with the error class's ``exit_code``; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import ImageFormatError
+
+COMMAND_MODULES = [
+    "imageformats.cli.info",
+    "imageformats.cli.map",
+    "imageformats.cli.cat",
+    "imageformats.cli.convert",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imageformats",
+        description="Disk-image format codecs as stackable block devices.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def run_command(func, args, debug: bool = False) -> int:
+    """Run a command function, mapping errors to one line and an exit code."""
+    try:
+        return func(args) or 0
+    except ImageFormatError as exc:
+        if debug:
+            raise
+        print(f"{_prog()}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        # Reader went away (`imageformats cat x | head`): not an error of ours.
+        try:
+            sys.stdout = None  # keep the interpreter from flushing the dead pipe again
+        except Exception:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print(f"{_prog()}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{_prog()}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 10
+
+
+def _prog() -> str:
+    return "imageformats"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(args.func, args, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""``imageformats convert [-f FMT] [-O FMT] [-o OPTS] [-p] SRC DST``: sparse-aware conversion."""
+
+from __future__ import annotations
+
+from .. import detect
+from .common import Progress, add_secret_arguments, open_image, parse_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert an image to another format (holes stay holes)")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.add_argument("-f", "--format", help="force the source format stack (e.g. xz,qcow2)")
+    p.add_argument("-O", "--output-format", default="raw", help="output format (default raw)")
+    p.add_argument("-o", "--options", action="append", metavar="KEY=VALUE,...",
+                   help="output format options (see docs/ for each format)")
+    p.add_argument("-p", "--progress", action="store_true", help="show progress")
+    add_secret_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    output = detect.get_output(args.output_format)
+    options = parse_options(args.options)
+    progress = Progress(args.progress)
+    with open_image(args, args.source, fmt=args.format) as src:
+        output.write(src, args.destination, options, progress)
+    progress.finish()
+    return 0

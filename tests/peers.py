@@ -1,0 +1,52 @@
+"""Running the reference tools (qemu-img, cryptsetup, nbdkit, xz...) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+
+def tool(name: str) -> str:
+    """Path of a reference tool; the suite installs them, so a missing one is a failure."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        raise AssertionError(f"reference tool {name!r} is not installed (run scripts/install-peers.sh)")
+    return path
+
+
+def run(*args, input: bytes | None = None, check: bool = True, env: dict | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a tool; on failure the assertion shows its stderr."""
+    cmd = [tool(args[0]), *map(str, args[1:])]
+    proc = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def qemu_img_map(path, fmt: str | None = None) -> list[dict]:
+    args = ["qemu-img", "map", "--output=json"]
+    if fmt:
+        args += ["-f", fmt]
+    return json.loads(run(*args, path).stdout)
+
+
+def qemu_extents_as_ours(entries: list[dict]) -> list[tuple[int, int, bool, bool]]:
+    """qemu-img map JSON -> merged (start, length, zero, hole) with NBD base:allocation meaning.
+
+    hole = not present in any layer ("present": false, or "data": false and "zero": true
+    for a raw file's hole); zero = reads as zeroes.
+    """
+    out: list[tuple[int, int, bool, bool]] = []
+    for e in entries:
+        zero = bool(e["zero"])
+        hole = zero and not e["data"] and (not e.get("present", True) or "offset" not in e)
+        item = (e["start"], e["length"], zero, hole)
+        if out and out[-1][0] + out[-1][1] == item[0] and out[-1][2:] == item[2:]:
+            prev = out.pop()
+            item = (prev[0], prev[1] + item[1], zero, hole)
+        out.append(item)
+    return out
