@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .errors import (
     ClosedDeviceError,
     DeviceIOError,
@@ -83,13 +85,47 @@ def merge_extents(extents: Iterable[Extent]) -> Iterator[Extent]:
 
 
 def is_zero(buf) -> bool:
-    """True when every byte of ``buf`` is zero (memcmp speed, no Python loop over bytes)."""
+    """True when every byte of ``buf`` is zero (numpy speed, no Python loop over bytes).
+
+    (Comparing memoryviews runs element by element at ~0.5 GB/s; numpy's any() is ~20 GB/s.)
+    """
     mv = memoryview(buf).cast("B")
     for pos in range(0, len(mv), _ZERO_CHUNK):
-        chunk = mv[pos : pos + _ZERO_CHUNK]
-        if chunk != _ZEROES[: len(chunk)]:
+        if np.frombuffer(mv[pos : pos + _ZERO_CHUNK], dtype=np.uint8).any():
             return False
     return True
+
+
+def zero_runs(buf, granule: int = 4096) -> list[tuple[int, int, bool]]:
+    """Split ``buf`` into runs ``(start, length, is_data)`` at ``granule`` resolution.
+
+    A run is data unless every byte of each of its granules is zero (the last
+    granule may be short).  Vectorised: one numpy reduction for the whole buffer.
+    """
+    mv = memoryview(buf).cast("B")
+    n = len(mv)
+    if n == 0:
+        return []
+    full = n - n % granule
+    parts = []
+    if full:
+        if granule % 8 == 0:
+            words = np.frombuffer(mv[:full], dtype=np.uint64).reshape(-1, granule // 8)
+        else:
+            words = np.frombuffer(mv[:full], dtype=np.uint8).reshape(-1, granule)
+        parts.append(words.any(axis=1))
+    if full < n:
+        parts.append(np.array([np.frombuffer(mv[full:], dtype=np.uint8).any()]))
+    mask = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if mask.all():
+        return [(0, n, True)]
+    if not mask.any():
+        return [(0, n, False)]
+    edges = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    bounds = [0, *(int(e) * granule for e in edges), n]
+    first = bool(mask[0])
+    return [(bounds[i], bounds[i + 1] - bounds[i], first if i % 2 == 0 else not first)
+            for i in range(len(bounds) - 1)]
 
 
 class BlockDevice:
@@ -575,17 +611,22 @@ def copy(
     chunk: int = 4 * MiB,
     workers: int = 2,
     dst_is_zero: bool = False,
+    sparse: int = 4096,
 ) -> CopyStats:
     """Copy the guest view of ``src`` to ``dst`` (same size or larger), sparsely.
 
     Only data extents are read; zero and hole extents become ``dst.zero(may_trim=True)``,
     or nothing at all when ``dst_is_zero`` says the destination already reads as
-    zeroes (a freshly created sparse file).  Data chunks that turn out to be all
-    zeroes are treated the same way.  With ``workers`` > 1 and devices that can
-    be cloned, chunks are copied on that many threads (both cores: the codecs
-    release the GIL in zlib, lzma, zstd and OpenSSL).  Memory: ``workers * 2 *
-    chunk`` at most.  ``progress(done, total)`` is called after every piece.
+    zeroes (a freshly created sparse file).  Runs of all-zero ``sparse``-byte
+    blocks inside data extents are treated the same way (like ``qemu-img convert
+    -S 4k`` and ``cp --sparse=always``; ``sparse=0`` writes data extents whole).
+    With ``workers`` > 1 and devices that can be cloned, chunks are copied on
+    that many threads (both cores: the codecs release the GIL in zlib, lzma,
+    zstd and OpenSSL).  Memory: ``workers * chunk`` buffers.
+    ``progress(done, total)`` is called after every piece.
     """
+    if sparse < 0 or chunk <= 0:
+        raise InvalidArgumentError(f"copy: chunk must be positive and sparse non-negative (chunk {chunk}, sparse {sparse})")
     if dst.size < src.size:
         raise InvalidArgumentError(f"destination ({dst.size} bytes) is smaller than source ({src.size} bytes)")
     if dst.readonly:
@@ -596,21 +637,23 @@ def copy(
 
     def copy_piece(s: BlockDevice, d: BlockDevice, buf: bytearray, offset: int, length: int, is_data: bool) -> None:
         nonlocal done
-        zeroes = not is_data
         if is_data:
             view = memoryview(buf)[:length]
             s.readinto(view, offset)
-            if is_zero(view):
-                zeroes = True
-            else:
-                d.pwrite(view, offset)
-        if zeroes and not dst_is_zero:
-            d.zero(length, offset, may_trim=True)
+            runs = zero_runs(view, sparse) if sparse else [(0, length, True)]
+        else:
+            view = None
+            runs = [(0, length, False)]
+        data = 0
+        for start, n, run_is_data in runs:
+            if run_is_data:
+                d.pwrite(view[start : start + n], offset + start)
+                data += n
+            elif not dst_is_zero:
+                d.zero(n, offset + start, may_trim=True)
         with lock:
-            if zeroes:
-                stats.zero_bytes += length
-            else:
-                stats.data_bytes += length
+            stats.data_bytes += data
+            stats.zero_bytes += length - data
             done += length
             if progress is not None:
                 progress(done, src.size)
@@ -618,8 +661,17 @@ def copy(
     handles: list[tuple[BlockDevice, BlockDevice]] = []
     if workers > 1:
         try:
-            handles = [(src.clone(), dst.clone()) for _ in range(workers)]
+            for _ in range(workers):
+                s_clone = src.clone()
+                try:
+                    handles.append((s_clone, dst.clone()))
+                except BaseException:
+                    s_clone.close()
+                    raise
         except ImageFormatError:
+            for s_clone, d_clone in handles:
+                s_clone.close()
+                d_clone.close()
             handles = []
     if not handles:
         buf = bytearray(chunk)
@@ -664,6 +716,7 @@ __all__ = [
     "CopyStats",
     "merge_extents",
     "is_zero",
+    "zero_runs",
     "KiB",
     "MiB",
     "GiB",
