@@ -27,6 +27,9 @@ from .errors import InvalidArgumentError, SecretRequiredError
 #: Packages that register formats, sources and outputs when imported.
 FORMAT_MODULES: list[str] = [
     "imageformats.raw",
+    "imageformats.testing.sparse_random",
+    "imageformats.qcow2",
+    "imageformats.qcow2.writer",
 ]
 
 #: How many layers open() stacks at most (a guard against self-similar images).
