@@ -1,4 +1,4 @@
-"""``imageformats convert [-f FMT] [-O FMT] [-o OPTS] [-p] SRC DST``: sparse-aware conversion."""
+"""``imageformats convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] SRC DST``: sparse-aware conversion."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("-O", "--output-format", default="raw", help="output format (default raw)")
     p.add_argument("-o", "--options", action="append", metavar="KEY=VALUE,...",
                    help="output format options (see docs/ for each format)")
+    p.add_argument("-c", "--compress", action="store_true",
+                   help="compress the output (passed to the output as the option compress=on)")
     p.add_argument("-p", "--progress", action="store_true", help="show progress")
     add_secret_arguments(p)
     p.set_defaults(func=run)
@@ -22,6 +24,8 @@ def register(sub) -> None:
 def run(args) -> int:
     output = detect.get_output(args.output_format)
     options = parse_options(args.options)
+    if args.compress:
+        options["compress"] = "on"
     progress = Progress(args.progress)
     with open_image(args, args.source, fmt=args.format) as src:
         output.write(src, args.destination, options, progress)
