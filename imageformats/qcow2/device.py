@@ -644,7 +644,8 @@ class Qcow2Device(BlockDevice):
             if kind in (T.DATA, T.COMPRESSED):
                 yield Extent(start, stop - start, zero=False, hole=False)
             elif kind == T.ZERO:
-                yield Extent(start, stop - start, zero=True, hole=False)
+                # as qemu-nbd reports it: nothing stored, reads as zeroes -> hole+zero
+                yield Extent(start, stop - start, zero=True, hole=True)
             else:
                 yield from self._backing_extents(start, stop)
 
@@ -731,7 +732,7 @@ class Qcow2Device(BlockDevice):
             chain = []
             dev = self.backing_image
             while dev is not None:
-                entry = {"format": dev.format_name, "virtual-size": dev.size}
+                entry = {"format": "raw" if dev.format_name == "file" else dev.format_name, "virtual-size": dev.size}
                 path = _leaf_path(dev)
                 if path:
                     entry["filename"] = path
