@@ -31,6 +31,8 @@ FORMAT_MODULES: list[str] = [
     "imageformats.testing.sparse_random",
     "imageformats.qcow2",
     "imageformats.qcow2.writer",
+    "imageformats.xz",
+    "imageformats.zstd",
 ]
 
 #: How many layers open() stacks at most (a guard against self-similar images).

@@ -1,0 +1,490 @@
+"""Random access over a container made of independently decodable chunks.
+
+Shared by the xz (a chunk = one xz Block) and seekable zstd (a chunk = one
+zstd frame) readers.  A format subclass supplies the chunk table and a
+``_decode_chunk`` generator; this module supplies everything else:
+
+* a bounded, thread-safe LRU cache of decoded chunks shared by every clone.
+  Cached chunks are held as 256 KiB pieces with all-zero pieces dropped, so
+  memory is charged for the non-zero bytes only (a mostly empty VM disk fits
+  many more chunks in the same budget);
+* "spilling": a chunk whose decoded size exceeds ``max_chunk_memory`` (a
+  single-block .xz, a single-frame .zst) is decoded once, sequentially, into
+  an unlinked sparse temporary file (zero runs left as holes) and read from
+  there afterwards.  It costs one full decode on first access and up to the
+  chunk's non-zero bytes of temporary disk space; nothing is ever allocated in
+  memory for it beyond a few MiB of buffers;
+* verify-before-use: a chunk's bytes are handed out only after the decoder
+  finished the chunk and verified its integrity check, so a corrupt image
+  raises CorruptImageError and never returns wrong data;
+* read-ahead: when a handle reads chunks in order, the next chunks are decoded
+  on background threads (the codecs release the GIL), so a sequential copy
+  uses both cores;
+* extents: chunks known to decode to zeroes (and holes of spilled chunks) are
+  reported as zero; everything else as data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..block import BlockDevice, Extent, MiB, is_zero
+from ..errors import (
+    CorruptImageError,
+    DeviceIOError,
+    ImageFormatError,
+    InvalidArgumentError,
+)
+
+#: Granularity of cached pieces (zero pieces cost nothing).
+PIECE = 256 * 1024
+#: Default cache budget (bytes of non-zero decoded data held in memory).
+DEFAULT_CACHE_SIZE = 256 * MiB
+#: Default largest chunk decoded into memory; bigger chunks are spilled to a temporary file.
+DEFAULT_MAX_CHUNK_MEMORY = 64 * MiB
+#: How many chunks are decoded ahead of a sequential reader.
+DEFAULT_READAHEAD = 2
+
+_ZERO_PIECE = bytes(PIECE)
+_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One independently decodable piece of the container."""
+
+    index: int
+    ustart: int  # offset of its decoded bytes in the guest view
+    usize: int  # decoded size
+    cstart: int  # offset of its encoded bytes in the backing device
+    csize: int  # encoded size (as stored, padding included)
+    extra: Any = None  # format specific (check type, checksum...)
+
+
+class _Spilled:
+    """Marker: the chunk lives in the spill file at its ``ustart``."""
+
+
+SPILLED = _Spilled()
+
+
+class _Shared:
+    """State shared by a device and its clones."""
+
+    def __init__(self, chunks: list[Chunk], size: int, cache_size: int, max_chunk_memory: int,
+                 readahead: int, tmpdir: str | None):
+        self.chunks = chunks
+        self.starts = [c.ustart for c in chunks]
+        self.size = size
+        self.cache_size = cache_size
+        self.max_chunk_memory = max_chunk_memory
+        self.readahead = readahead
+        self.tmpdir = tmpdir
+        self.lock = threading.Lock()
+        self.cache: OrderedDict[int, tuple] = OrderedDict()
+        self.cache_bytes = 0
+        self.inflight: dict[int, threading.Event] = {}
+        self.spilled: set[int] = set()
+        self.zero_chunks: set[int] = set()
+        self.spill_fd: int | None = None
+        self.spill_bytes = 0
+        self.refs = 0
+        self.pool: ThreadPoolExecutor | None = None
+        self.prefetch_backing: BlockDevice | None = None
+        self.prefetch_local = threading.local()
+        self.prefetch_handles: list[BlockDevice] = []
+        self.last_index = -2
+        self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0}
+
+    def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for dev in self.prefetch_handles:
+            dev.close()
+        self.prefetch_handles.clear()
+        if self.prefetch_backing is not None:
+            self.prefetch_backing.close()
+            self.prefetch_backing = None
+        if self.spill_fd is not None:
+            os.close(self.spill_fd)
+            self.spill_fd = None
+        self.cache.clear()
+        self.cache_bytes = 0
+
+
+class ChunkedDevice(BlockDevice):
+    """Base class of XzDevice and ZstdDevice (read-only, clonable, thread-safe per handle).
+
+    Subclasses call ``_setup(backing, chunks, size, options)`` and implement
+    ``_decode_chunk(chunk, backing) -> Iterator[bytes-like]`` that yields the
+    decoded bytes in order and raises CorruptImageError (before its last
+    ``yield`` returns control for good) when the chunk fails its check.
+    """
+
+    readonly = True
+    can_zero = False
+    can_extents = True
+    can_multi_conn = True
+    block_size = (1, 4096, 32 * MiB)
+
+    _shared: _Shared
+
+    # -- construction -----------------------------------------------------------------
+
+    def _setup(self, backing: BlockDevice, chunks: list[Chunk], size: int, options: dict[str, Any]) -> None:
+        cache_size = _int_option(options, "cache_size", DEFAULT_CACHE_SIZE)
+        max_mem = _int_option(options, "max_chunk_memory", min(DEFAULT_MAX_CHUNK_MEMORY, cache_size))
+        if max_mem > cache_size:
+            max_mem = cache_size
+        readahead = _int_option(options, "readahead", DEFAULT_READAHEAD)
+        self.backing = backing
+        self.size = size
+        self._shared = _Shared(chunks, size, cache_size, max_mem, readahead, options.get("tmpdir"))
+        self._shared.refs = 1
+
+    def _new_handle(self, backing: BlockDevice) -> "ChunkedDevice":
+        """A clone: same shared state, its own backing handle."""
+        dev = object.__new__(type(self))
+        dev.__dict__.update(self.__dict__)
+        dev.backing = backing
+        dev._closed = False
+        with self._shared.lock:
+            self._shared.refs += 1
+        return dev
+
+    def clone(self) -> "ChunkedDevice":
+        self._check_open()
+        return self._new_handle(self.backing.clone())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        shared = self._shared
+        with shared.lock:
+            shared.refs -= 1
+            last = shared.refs == 0
+        if last:
+            shared.close()
+        self.backing.close()
+
+    # -- format hook -----------------------------------------------------------------
+
+    def _decode_chunk(self, chunk: Chunk, backing: BlockDevice) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    # -- lookup ------------------------------------------------------------------------
+
+    def _chunk_at(self, offset: int) -> int:
+        """Index of the chunk holding guest byte ``offset`` (empty chunks are never returned)."""
+        shared = self._shared
+        i = bisect.bisect_right(shared.starts, offset) - 1
+        # Skip empty chunks that share the start offset of the next one.
+        while shared.chunks[i].usize == 0 or offset >= shared.chunks[i].ustart + shared.chunks[i].usize:
+            i += 1
+        return i
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice) -> tuple:
+        """Decode a chunk into memory; returns a tuple of PIECE-sized bytes or None (zero)."""
+        buf = bytearray(chunk.usize)
+        mv = memoryview(buf)
+        pos = 0
+        for out in self._decode_chunk(chunk, backing):
+            n = len(out)
+            if pos + n > chunk.usize:
+                raise CorruptImageError(
+                    f"{self.format_name} chunk {chunk.index} decodes to more than the {chunk.usize} bytes its index records")
+            mv[pos:pos + n] = out
+            pos += n
+        if pos != chunk.usize:
+            raise CorruptImageError(
+                f"{self.format_name} chunk {chunk.index} decodes to {pos} bytes, its index records {chunk.usize}")
+        pieces = []
+        for start in range(0, chunk.usize, PIECE):
+            piece = mv[start:start + PIECE]
+            pieces.append(None if piece == _ZERO_PIECE[:len(piece)] else bytes(piece))
+        return tuple(pieces)
+
+    def _spill_fd(self) -> int:
+        shared = self._shared
+        with shared.lock:
+            if shared.spill_fd is None:
+                try:
+                    f = tempfile.TemporaryFile(dir=shared.tmpdir, prefix="imageformats-spill-")
+                    fd = os.dup(f.fileno())
+                    f.close()
+                    os.ftruncate(fd, shared.size)
+                except OSError as exc:
+                    raise DeviceIOError(f"cannot create the temporary file for a large {self.format_name} chunk: "
+                                        f"{exc.strerror or exc}") from None
+                shared.spill_fd = fd
+            return shared.spill_fd
+
+    def _decode_to_spill(self, chunk: Chunk, backing: BlockDevice) -> None:
+        """Decode a big chunk sequentially into the sparse spill file (zero pieces stay holes)."""
+        fd = self._spill_fd()
+        pos = chunk.ustart
+        end = chunk.ustart + chunk.usize
+        written = 0
+        try:
+            # Punch out whatever a failed earlier attempt left behind.
+            _punch(fd, chunk.ustart, chunk.usize)
+            for out in self._decode_chunk(chunk, backing):
+                mv = memoryview(out)
+                if pos + len(mv) > end:
+                    raise CorruptImageError(
+                        f"{self.format_name} chunk {chunk.index} decodes to more than the {chunk.usize} bytes its index records")
+                for start in range(0, len(mv), PIECE):
+                    piece = mv[start:start + PIECE]
+                    if piece != _ZERO_PIECE[:len(piece)]:
+                        _pwrite_all(fd, piece, pos + start)
+                        written += len(piece)
+                pos += len(mv)
+        except OSError as exc:
+            raise DeviceIOError(f"writing the temporary file for {self.format_name} chunk {chunk.index}: "
+                                f"{exc.strerror or exc}") from None
+        if pos != end:
+            raise CorruptImageError(
+                f"{self.format_name} chunk {chunk.index} decodes to {pos - chunk.ustart} bytes, its index records {chunk.usize}")
+        with self._shared.lock:
+            self._shared.spill_bytes += written
+            self._shared.stats["spilled"] += 1
+
+    def _get(self, index: int, backing: BlockDevice, *, prefetch: bool = False):
+        """The decoded chunk: a tuple of pieces, or SPILLED.  Decodes at most once at a time per chunk."""
+        shared = self._shared
+        chunk = shared.chunks[index]
+        while True:
+            with shared.lock:
+                entry = shared.cache.get(index)
+                if entry is not None:
+                    shared.cache.move_to_end(index)
+                    if not prefetch:
+                        shared.stats["hits"] += 1
+                    return entry
+                if index in shared.spilled:
+                    return SPILLED
+                event = shared.inflight.get(index)
+                if event is None:
+                    event = shared.inflight[index] = threading.Event()
+                    owner = True
+                    if not prefetch:
+                        shared.stats["misses"] += 1
+                else:
+                    owner = False
+            if not owner:
+                if prefetch:
+                    return None
+                event.wait()
+                continue
+            try:
+                if chunk.usize > shared.max_chunk_memory:
+                    self._decode_to_spill(chunk, backing)
+                    with shared.lock:
+                        shared.spilled.add(index)
+                        shared.stats["decoded"] += 1
+                    return SPILLED
+                pieces = self._decode_to_pieces(chunk, backing)
+                cost = sum(len(p) for p in pieces if p is not None)
+                with shared.lock:
+                    shared.stats["decoded"] += 1
+                    if prefetch:
+                        shared.stats["prefetched"] += 1
+                    if cost == 0:
+                        shared.zero_chunks.add(index)
+                    shared.cache[index] = pieces
+                    shared.cache_bytes += cost
+                    while shared.cache_bytes > shared.cache_size and len(shared.cache) > 1:
+                        _, old = shared.cache.popitem(last=False)
+                        shared.cache_bytes -= sum(len(p) for p in old if p is not None)
+                return pieces
+            finally:
+                with shared.lock:
+                    shared.inflight.pop(index, None)
+                event.set()
+
+    # -- read-ahead --------------------------------------------------------------------
+
+    def _maybe_prefetch(self, index: int) -> None:
+        shared = self._shared
+        if shared.readahead <= 0:
+            return
+        with shared.lock:
+            sequential = index in (shared.last_index, shared.last_index + 1)
+            shared.last_index = index
+            if not sequential:
+                return
+            wanted = [
+                i for i in range(index + 1, min(index + 1 + shared.readahead, len(shared.chunks)))
+                if i not in shared.cache and i not in shared.inflight and i not in shared.spilled
+                and 0 < shared.chunks[i].usize <= shared.max_chunk_memory
+            ]
+            if not wanted:
+                return
+            if shared.pool is None:
+                try:
+                    shared.prefetch_backing = self.backing.clone()
+                except ImageFormatError:
+                    shared.readahead = 0
+                    return
+                shared.pool = ThreadPoolExecutor(max_workers=shared.readahead,
+                                                 thread_name_prefix=f"{self.format_name}-readahead")
+            pool = shared.pool
+        for i in wanted:
+            try:
+                pool.submit(self._prefetch, i)
+            except RuntimeError:  # shut down by a concurrent close
+                return
+
+    def _prefetch(self, index: int) -> None:
+        shared = self._shared
+        local = shared.prefetch_local
+        backing = getattr(local, "backing", None)
+        if backing is None:
+            with shared.lock:
+                if shared.prefetch_backing is None:
+                    return
+                backing = local.backing = shared.prefetch_backing.clone()
+                shared.prefetch_handles.append(backing)
+        try:
+            self._get(index, backing, prefetch=True)
+        except ImageFormatError:
+            pass  # the foreground read of this chunk reports the error
+
+    # -- BlockDevice hooks -------------------------------------------------------------
+
+    def _readinto(self, buf: memoryview, offset: int) -> None:
+        shared = self._shared
+        end = offset + len(buf)
+        pos = offset
+        while pos < end:
+            index = self._chunk_at(pos)
+            chunk = shared.chunks[index]
+            entry = self._get(index, self.backing)
+            self._maybe_prefetch(index)
+            stop = min(end, chunk.ustart + chunk.usize)
+            if entry is SPILLED:
+                _pread_all(shared.spill_fd, buf[pos - offset:stop - offset], pos)
+            else:
+                rel = pos - chunk.ustart
+                while rel < stop - chunk.ustart:
+                    p, within = divmod(rel, PIECE)
+                    n = min(PIECE - within, stop - chunk.ustart - rel)
+                    dst = buf[chunk.ustart + rel - offset:chunk.ustart + rel - offset + n]
+                    piece = entry[p]
+                    if piece is None:
+                        dst[:] = _ZERO_PIECE[:n]
+                    else:
+                        dst[:] = piece[within:within + n]
+                    rel += n
+            pos = stop
+
+    def _extents(self, length: int, offset: int) -> Iterator[Extent]:
+        shared = self._shared
+        end = offset + length
+        pos = offset
+        while pos < end:
+            index = self._chunk_at(pos)
+            chunk = shared.chunks[index]
+            stop = chunk.ustart + chunk.usize
+            if index in shared.zero_chunks:
+                yield Extent(pos, stop - pos, zero=True, hole=False)
+            elif index in shared.spilled and shared.spill_fd is not None:
+                yield from _file_extents(shared.spill_fd, pos, stop)
+            else:
+                yield Extent(pos, stop - pos, zero=False, hole=False)
+            pos = stop
+
+    # -- description -------------------------------------------------------------------
+
+    def cache_info(self) -> dict[str, Any]:
+        shared = self._shared
+        with shared.lock:
+            return {
+                "cache-limit": shared.cache_size,
+                "cache-used": shared.cache_bytes,
+                "cached-chunks": len(shared.cache),
+                "max-chunk-memory": shared.max_chunk_memory,
+                "spilled-chunks": len(shared.spilled),
+                "spill-file-bytes": shared.spill_bytes,
+                **shared.stats,
+            }
+
+    def chunk_count(self) -> int:
+        return len(self._shared.chunks)
+
+    def big_chunks(self) -> int:
+        return sum(1 for c in self._shared.chunks if c.usize > self._shared.max_chunk_memory)
+
+
+def _int_option(options: dict[str, Any], name: str, default: int) -> int:
+    value = options.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        from ..cli.common import parse_size
+        value = parse_size(value)
+    if not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(f"option {name} must be a non-negative size, got {value!r}")
+    return value
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        try:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        except OSError as exc:
+            raise DeviceIOError(f"reading the temporary decode file: {exc.strerror or exc}") from None
+        if n == 0:  # past the end: cannot happen, the file was truncated to the full size
+            raise DeviceIOError("the temporary decode file is shorter than expected")
+        done += n
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    from ..block import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
+    if _fallocate is not None and length:
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def _file_extents(fd: int, start: int, end: int) -> Iterator[Extent]:
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, _SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                yield Extent(pos, end - pos, zero=True, hole=False)
+                return
+            yield Extent(pos, end - pos, zero=False, hole=False)
+            return
+        if data > pos:
+            data = min(data, end)
+            yield Extent(pos, data - pos, zero=True, hole=False)
+            pos = data
+            continue
+        hole = min(os.lseek(fd, pos, _SEEK_HOLE), end)
+        if hole <= pos:
+            hole = end
+        yield Extent(pos, hole - pos, zero=False, hole=False)
+        pos = hole
