@@ -186,6 +186,7 @@ class BlockDevice:
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read ``length`` bytes at ``offset``; never short."""
+        self._check_range(length, offset)  # before allocating: a negative or huge length is an error
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)

@@ -37,13 +37,15 @@ def qemu_img_map(path, fmt: str | None = None) -> list[dict]:
 def qemu_extents_as_ours(entries: list[dict]) -> list[tuple[int, int, bool, bool]]:
     """qemu-img map JSON -> merged (start, length, zero, hole) with NBD base:allocation meaning.
 
-    hole = not present in any layer ("present": false, or "data": false and "zero": true
-    for a raw file's hole); zero = reads as zeroes.
+    hole = nothing stored ("data": false, as qemu-nbd maps BDRV_BLOCK_DATA to NBD_STATE_HOLE):
+    unallocated qcow2 clusters ("present": false), qcow2 zero clusters, and a raw file's
+    SEEK_HOLE holes (which qemu-img 7.2 prints as "present": true, "data": false with an
+    "offset"); zero = reads as zeroes.
     """
     out: list[tuple[int, int, bool, bool]] = []
     for e in entries:
         zero = bool(e["zero"])
-        hole = zero and not e["data"] and (not e.get("present", True) or "offset" not in e)
+        hole = zero and not e["data"]
         item = (e["start"], e["length"], zero, hole)
         if out and out[-1][0] + out[-1][1] == item[0] and out[-1][2:] == item[2:]:
             prev = out.pop()
