@@ -193,6 +193,10 @@ class Qcow2Device(BlockDevice):
             raise CorruptImageError("qcow2 refcount table is not cluster-aligned")
         if hdr.refcount_table_clusters * cs > H.MAX_REFCOUNT_TABLE_BYTES:
             raise CorruptImageError(f"qcow2 refcount table of {hdr.refcount_table_clusters} clusters is too large")
+        if hdr.refcount_table_clusters == 0 or hdr.refcount_table_offset == 0 or (
+            hdr.refcount_table_offset + hdr.refcount_table_clusters * cs > fsize
+        ):
+            raise CorruptImageError("qcow2 refcount table lies outside the file")
 
         img.l2_cache = T.LRUCache(int(options.get("l2_cache_size", DEFAULT_L2_CACHE)))
         img.l1_cache = T.LRUCache(4 * L1_BLOCK_ENTRIES * 8 * 4)
@@ -216,12 +220,11 @@ class Qcow2Device(BlockDevice):
                 raise CorruptImageError("qcow2 raw-external-data bit set without an external data file")
 
         # "Data encryption"
+        img.iv_physical = img.crypt_method == H.CRYPT_LUKS
         if img.crypt_method == H.CRYPT_AES:
-            raise UnsupportedFeatureError(
-                "qcow2 legacy AES encryption (crypt_method 1) is not supported: it is insecure; "
-                "convert it with 'qemu-img convert --object secret,... -O raw'"
-            )
-        if img.crypt_method == H.CRYPT_LUKS:
+            self._open_aes(options)
+            writable = False
+        elif img.crypt_method == H.CRYPT_LUKS:
             self._open_luks(options)
         elif img.crypt_method != H.CRYPT_NONE:
             raise UnsupportedFeatureError(f"qcow2 crypt_method {img.crypt_method}")
@@ -431,7 +434,7 @@ class Qcow2Device(BlockDevice):
         if ch.offset % img.cluster_size or ch.offset == 0 or ch.length == 0 or ch.offset + ch.length > self.backing.size:
             raise CorruptImageError("qcow2 encryption header lies outside the file")
         try:
-            from ..luks1 import SectorCipher, unlock
+            from ..luks1 import unlock
         except ImportError:
             raise UnsupportedFeatureError("qcow2 LUKS encryption needs imageformats.luks1") from None
         secret = {k: options.get(k) for k in ("passphrase", "key_file", "volume_key", "key_slot")}
@@ -446,8 +449,22 @@ class Qcow2Device(BlockDevice):
             hdr_dev.close()
         img.luks = luks
         img.cipher_desc = f"{luks.cipher_name}-{luks.cipher_mode}"
-        self._cipher = SectorCipher(luks.cipher_name, luks.cipher_mode, key)
+        self._cipher = _sector_cipher(luks.cipher_name, luks.cipher_mode, key)
         img.cipher_args = (luks.cipher_name, luks.cipher_mode, key)
+
+    def _open_aes(self, options: dict[str, Any]) -> None:
+        """"Data encryption", AES: AES-128-CBC, plain64 IVs from the guest sector; the key is the
+        passphrase's first 16 bytes, zero-padded (qemu's legacy qcow scheme).  Read-only."""
+        img = self._img
+        pw = options.get("passphrase")
+        if pw is None:
+            from ..errors import SecretRequiredError
+
+            raise SecretRequiredError("the qcow2 image uses legacy AES encryption: give its passphrase")
+        key = bytes(pw)[:16].ljust(16, b"\0")
+        img.cipher_desc = "aes-128-cbc-plain64 (legacy qcow AES)"
+        img.cipher_args = ("aes", "cbc-plain64", key)
+        self._cipher = _sector_cipher(*img.cipher_args)
 
     # ------------------------------------------------------------------ tables
 
@@ -541,7 +558,7 @@ class Qcow2Device(BlockDevice):
         for start, stop, kind, host, aux in self._segments(offset, end, split_compressed=True):
             view = buf[start - offset : stop - offset]
             if kind == T.DATA:
-                self._read_data(view, host)
+                self._read_data(view, host, start)
             elif kind == T.ZERO:
                 view[:] = bytes(len(view))
             elif kind == T.UNALLOCATED:
@@ -551,7 +568,7 @@ class Qcow2Device(BlockDevice):
         if compressed:
             self._read_compressed(buf, offset, compressed)
 
-    def _read_data(self, view: memoryview, host: int) -> None:
+    def _read_data(self, view: memoryview, host: int, guest: int) -> None:
         """A run contiguous on the host: one read of the data device (decrypted with LUKS)."""
         dev = self.data_dev
         n = len(view)
@@ -568,8 +585,8 @@ class Qcow2Device(BlockDevice):
         tmp = bytearray(b - a)
         avail = min(len(tmp), dev.size - a)
         dev.readinto(memoryview(tmp)[:avail], a)
-        # "Data encryption": LUKS IVs use the physical (host) sector
-        self._cipher.decrypt_into(memoryview(tmp), a // 512)
+        # "Data encryption": LUKS IVs use the physical (host) sector, legacy AES the guest sector
+        self._cipher.decrypt_into(memoryview(tmp), (a if self._img.iv_physical else guest - (host - a)) // 512)
         view[:] = memoryview(tmp)[host - a : host - a + n]
 
     def _read_backing(self, view: memoryview, start: int) -> None:
@@ -685,9 +702,7 @@ class Qcow2Device(BlockDevice):
         dev.data_dev = dev.backing if self.data_dev is self.backing else self.data_dev.clone()
         dev.backing_image = self.backing_image.clone() if self.backing_image is not None else None
         if self._cipher is not None:
-            from ..luks1 import SectorCipher
-
-            dev._cipher = SectorCipher(*self._img.cipher_args)
+            dev._cipher = _sector_cipher(*self._img.cipher_args)
         return dev
 
     def _close_children(self, close_backing: bool) -> None:
@@ -758,6 +773,12 @@ class Qcow2Device(BlockDevice):
         if img.bitmaps is not None:
             info["bitmaps"] = img.bitmaps.nb_bitmaps
         return info
+
+
+def _sector_cipher(name: str, mode: str, key: bytes):
+    from ..luks1.sectors import SectorCipher
+
+    return SectorCipher(name, mode, key)
 
 
 def _decompress(data: memoryview, cluster_size: int, ctype: int) -> bytes:
