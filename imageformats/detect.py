@@ -27,6 +27,7 @@ from .errors import InvalidArgumentError, SecretRequiredError
 #: Packages that register formats, sources and outputs when imported.
 FORMAT_MODULES: list[str] = [
     "imageformats.raw",
+    "imageformats.gzip_partial.device",
     "imageformats.http",
     "imageformats.testing.sparse_random",
     "imageformats.qcow2",
