@@ -34,6 +34,7 @@ FORMAT_MODULES: list[str] = [
     "imageformats.qcow2.writer",
     "imageformats.xz",
     "imageformats.zstd",
+    "imageformats.luks1",
 ]
 
 #: How many layers open() stacks at most (a guard against self-similar images).
