@@ -1,0 +1,339 @@
+"""XzDevice against files written by the real xz(1), byte-compared with ``xz -dc`` output."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import imageformats
+from imageformats.block import FileDevice, MemoryDevice
+from imageformats.errors import CorruptImageError, ImageFormatError, OutOfRangeError, ReadOnlyError
+from imageformats.testing.evil import EvilDevice
+from imageformats.xz import XzDevice
+from imageformats.xz import header as h
+
+from peers import run
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def make_source(path, size=3 * MiB, seed=1) -> bytes:
+    """Disk-like content: random runs, zero runs, text runs (an independent model: plain bytes)."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        kind = rng.randrange(3)
+        n = rng.randrange(4 * KiB, 400 * KiB)
+        if kind == 0:
+            out += rng.randbytes(n)
+        elif kind == 1:
+            out += bytes(n)
+        else:
+            out += b"".join(b"line %d of some text %d\n" % (i, rng.randrange(99)) for i in range(n // 24))
+    data = bytes(out[:size])
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("xzsrc") / "disk.raw"
+    return path, make_source(path)
+
+
+def xz_file(tmp_path, source, *args, name="disk.raw.xz"):
+    src, _ = source
+    out = tmp_path / name
+    out.write_bytes(run("xz", "-c", *args, src).stdout)
+    oracle = run("xz", "-dc", out).stdout  # the reference decoder's output is the oracle
+    return out, oracle
+
+
+def random_reads(dev, oracle, n=60, seed=0):
+    rng = random.Random(seed)
+    assert dev.size == len(oracle)
+    for _ in range(n):
+        off = rng.randrange(len(oracle))
+        length = min(rng.choice([1, 512, 4096, 65536, 700 * KiB]), len(oracle) - off)
+        assert dev.pread(length, off) == oracle[off:off + length], (off, length)
+
+
+XZ_VARIANTS = [
+    ["-T2", "--block-size=256KiB"],
+    ["-T2", "-0"],                      # xz -T2 default block size (3 x dict = 768 KiB at -0)
+    ["--block-size=300000", "-1"],
+    ["--block-list=100KiB,1MiB,50KiB,2MiB", "-1"],
+    ["--check=crc32", "--block-size=512KiB", "-1"],
+    ["--check=crc64", "--block-size=512KiB", "-1"],
+    ["--check=sha256", "--block-size=512KiB", "-1"],
+    ["--check=none", "--block-size=512KiB", "-1"],
+    ["--x86", "--lzma2=preset=1", "--block-size=1MiB"],
+    ["--arm", "--lzma2=preset=1", "--block-size=1MiB"],
+    ["--arm64", "--lzma2=preset=1", "--block-size=1MiB"],
+    ["--delta=dist=4", "--lzma2=preset=1", "--block-size=1MiB"],
+    ["-1"],                             # single Block (what xz wrote by default before 5.6)
+]
+
+
+@pytest.mark.parametrize("args", XZ_VARIANTS, ids=[" ".join(a) for a in XZ_VARIANTS])
+def test_random_reads_match_xz(tmp_path, source, args):
+    path, oracle = xz_file(tmp_path, source, *args)
+    with imageformats.open(str(path)) as dev:
+        assert dev.format_name == "xz"
+        assert dev.readonly
+        random_reads(dev, oracle)
+        assert dev.pread(dev.size, 0) == oracle
+        info = dev.layer_info()
+        listing = run("xz", "--robot", "-lvv", path).stdout.decode()
+        blocks = [line for line in listing.splitlines() if line.startswith("block\t")]
+        assert info["blocks"] == len(blocks)
+
+
+def test_concatenated_streams_with_padding(tmp_path, source):
+    a, _ = xz_file(tmp_path, source, "-T2", "--block-size=200KiB", "-0", name="a.xz")
+    b, _ = xz_file(tmp_path, source, "--check=sha256", "-1", name="b.xz")
+    c, _ = xz_file(tmp_path, source, "--check=crc32", "--block-size=1MiB", "-0", name="c.xz")
+    cat = tmp_path / "cat.xz"
+    cat.write_bytes(a.read_bytes() + bytes(4) + b.read_bytes() + c.read_bytes() + bytes(12))
+    oracle = run("xz", "-dc", cat).stdout
+    with imageformats.open(str(cat)) as dev:
+        assert dev.layer_info()["streams"] == 3
+        assert dev.layer_info()["check"] == "crc32,crc64,sha256"
+        random_reads(dev, oracle, n=80)
+        # reads spanning stream boundaries
+        n = len(source[1])
+        for off in (n - 5000, 2 * n - 7, 3 * n - 4096):
+            assert dev.pread(10000 if off + 10000 <= 3 * n else 3 * n - off, off) == oracle[off:off + 10000]
+
+
+def test_bad_stream_padding(tmp_path, source):
+    a, _ = xz_file(tmp_path, source, "-0")
+    bad = tmp_path / "bad.xz"
+    bad.write_bytes(a.read_bytes() + bytes(4) + b"\x01\x00\x00\x00")
+    with pytest.raises(CorruptImageError):
+        XzDevice(FileDevice(bad))
+    bad.write_bytes(a.read_bytes() + bytes(2))
+    with pytest.raises(CorruptImageError, match="multiple of four"):
+        XzDevice(FileDevice(bad))
+
+
+def test_single_block_spills_to_sparse_temp_file(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-1")
+    with XzDevice(FileDevice(path), max_chunk_memory=256 * KiB, tmpdir=str(tmp_path)) as dev:
+        assert "large-blocks" in dev.layer_info()
+        random_reads(dev, oracle, n=40)
+        info = dev.layer_info()
+        assert info["spilled-chunks"] == 1 and info["decoded"] == 1  # decoded exactly once
+        assert info["cache-used"] == 0
+        # zero runs of the decoded data are holes of the temporary file: extents report them
+        exts = list(dev.extents(dev.size, 0))
+        assert any(e.zero for e in exts)
+        for e in exts:
+            if e.zero:
+                assert oracle[e.start:e.end] == bytes(e.length)
+        assert info["spill-file-bytes"] < len(oracle)
+        c = dev.clone()
+        assert c.pread(4096, 12345) == oracle[12345:12345 + 4096]
+        c.close()
+
+
+def test_extents_report_zero_blocks(tmp_path):
+    raw = tmp_path / "z.raw"
+    data = bytes(1 * MiB) + random.Random(5).randbytes(1 * MiB) + bytes(2 * MiB)
+    raw.write_bytes(data)
+    path = tmp_path / "z.xz"
+    path.write_bytes(run("xz", "-c", "-T2", "--block-size=1MiB", "-0", raw).stdout)
+    with XzDevice(FileDevice(path)) as dev:
+        # before decoding nothing is known: data everywhere
+        assert [(e.zero) for e in dev.extents(dev.size, 0)] == [False]
+        dev.pread(dev.size, 0)
+        exts = [(e.start, e.length, e.zero) for e in dev.extents(dev.size, 0)]
+        assert exts == [(0, MiB, True), (MiB, MiB, False), (2 * MiB, 2 * MiB, True)]
+
+
+def test_cache_is_bounded_and_clones_share_it(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=128KiB", "-0")
+    with XzDevice(FileDevice(path), cache_size=512 * KiB, readahead=0) as dev:
+        assert dev.pread(dev.size, 0) == oracle
+        info = dev.layer_info()
+        assert info["cache-used"] <= 512 * KiB
+        assert info["decoded"] == info["blocks"]
+        c = dev.clone()
+        c.pread(4096, dev.size - 4096)  # the last block is cached: no new decode
+        assert dev.layer_info()["decoded"] == info["decoded"]
+        c.close()
+
+
+def test_threads_with_clones(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=256KiB", "-0")
+    errors = []
+    with XzDevice(FileDevice(path), cache_size=1 * MiB) as dev:
+        def worker(seed):
+            try:
+                with dev.clone() as c:
+                    random_reads(c, oracle, n=40, seed=seed)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
+def test_readonly_and_range(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-0")
+    with imageformats.open(str(path)) as dev:
+        with pytest.raises(ReadOnlyError):
+            dev.pwrite(b"x", 0)
+        with pytest.raises(OutOfRangeError):
+            dev.pread(2, dev.size - 1)
+
+
+# -- corruption -------------------------------------------------------------------------
+
+
+def block_offsets(path):
+    """(compressed offset, unpadded size, check size) of each Block, from xz --robot -lvv."""
+    out = []
+    for line in run("xz", "--robot", "-lvv", path).stdout.decode().splitlines():
+        f = line.split("\t")
+        if f[0] == "block":
+            out.append((int(f[4]), int(f[6]), f[10]))  # comp offset, total size, check value
+    return out
+
+
+@pytest.mark.parametrize("check", ["crc32", "crc64", "sha256"])
+def test_flipped_byte_in_block_data_or_check(tmp_path, source, check):
+    path, oracle = xz_file(tmp_path, source, "-T2", f"--check={check}", "--block-size=512KiB", "-0")
+    blocks = block_offsets(path)
+    data = path.read_bytes()
+    csize = h.check_size(h.CHECK_BY_NAME[check])
+    for target, what in ((blocks[1][0] + blocks[1][1] - csize // 2 - 1, "check"),
+                         (blocks[1][0] + blocks[1][1] // 2, "data"),
+                         (blocks[1][0] + 5, "header")):
+        bad = bytearray(data)
+        bad[target] ^= 0x10
+        p = tmp_path / f"bad-{what}.xz"
+        p.write_bytes(bytes(bad))
+        with imageformats.open(str(p)) as dev:
+            assert dev.pread(4096, 0) == oracle[:4096]  # block 0 is intact
+            with pytest.raises(CorruptImageError):
+                dev.pread(4096, 512 * KiB + 100)  # block 1
+            with pytest.raises(CorruptImageError):  # never cached as good
+                dev.pread(1, 512 * KiB)
+
+
+def test_index_and_footer_corruption(tmp_path, source):
+    path, _ = xz_file(tmp_path, source, "-T2", "--block-size=512KiB", "-0")
+    data = path.read_bytes()
+    for pos in (len(data) - 3, len(data) - 8, len(data) - 20, 7):  # footer magic, backward size, index, header
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        with pytest.raises(CorruptImageError):
+            XzDevice(MemoryDevice(bytes(bad), writable=False))
+    for cut in (len(data) - 4, 24, 12):
+        with pytest.raises(CorruptImageError):
+            XzDevice(MemoryDevice(data[:cut], writable=False))
+
+
+def test_index_sizes_must_match_block_headers(tmp_path, source):
+    """An Index record whose uncompressed size disagrees with the Block Header is caught."""
+    path, _ = xz_file(tmp_path, source, "-T2", "--block-size=512KiB", "-0")
+    dev = XzDevice(FileDevice(path))
+    chunks = dev._shared.chunks
+    # Rebuild the file with an Index that moves 1 byte from block 0 to block 1 (CRC made valid).
+    data = path.read_bytes()
+    backward, check = h.parse_stream_footer(data[-12:])
+    records = h.parse_index(data[-12 - backward:-12], max_records=10**6)
+    records[0] = (records[0][0], records[0][1] - 1)
+    records[1] = (records[1][0], records[1][1] + 1)
+    index = h.build_index(records)
+    bad = data[:len(data) - 12 - backward] + index + h.build_stream_footer(check, len(index))
+    dev.close()
+    with XzDevice(MemoryDevice(bad, writable=False)) as dev:
+        assert dev.size == sum(c.usize for c in chunks)
+        with pytest.raises(CorruptImageError, match="Block Header says"):
+            dev.pread(10, 0)
+
+
+def test_evil_stuck_bits_never_wrong_data(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=256KiB", "-0")
+    evil = EvilDevice(FileDevice(path), seed=7, stuck_bits=2e-6)
+    errors = good = 0
+    with XzDevice(evil) as dev:  # this seed leaves the Index intact
+        for off in range(0, dev.size, 256 * KiB):
+            n = min(256 * KiB, dev.size - off)
+            try:
+                got = dev.pread(n, off)
+            except CorruptImageError:
+                errors += 1
+                continue
+            assert got == oracle[off:off + n]
+            good += 1
+    assert errors > 0 and good > 0  # the seed corrupts some blocks but not all
+
+
+def test_evil_eio_is_reported(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=256KiB", "-0")
+    blocks = block_offsets(path)
+    evil = EvilDevice(FileDevice(path), eio=((blocks[2][0] + 100, 10),))
+    with XzDevice(evil) as dev:
+        assert dev.pread(100, 0) == oracle[:100]
+        with pytest.raises(ImageFormatError):
+            dev.pread(100, 2 * 256 * KiB)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pos=st.integers(min_value=0, max_value=10**9), xor=st.integers(min_value=1, max_value=255))
+def test_fuzz_single_byte_corruption(small_xz, pos, xor):
+    data, oracle = small_xz
+    bad = bytearray(data)
+    bad[pos % len(bad)] ^= xor
+    try:
+        with XzDevice(MemoryDevice(bytes(bad), writable=False)) as dev:
+            got = dev.pread(dev.size, 0)
+    except ImageFormatError:
+        return
+    assert got == oracle  # every byte of an xz file is covered by a CRC or the block check
+
+
+@pytest.fixture(scope="module")
+def small_xz(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smallxz")
+    raw = d / "s.raw"
+    make_source(raw, size=300 * KiB, seed=3)
+    data = run("xz", "-c", "-T2", "--block-size=64KiB", "-0", raw).stdout
+    return data, run("xz", "-dc", input=data).stdout
+
+
+# -- stacking ---------------------------------------------------------------------------
+
+
+def test_qcow2_inside_xz(tmp_path):
+    img = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0xab 1M 64k", "-c", "write -P 0x11 5M 1M", img)
+    oracle = tmp_path / "disk.raw"
+    run("qemu-img", "convert", "-O", "raw", img, oracle)
+    xzpath = tmp_path / "disk.qcow2.xz"
+    xzpath.write_bytes(run("xz", "-c", "-T2", "--block-size=256KiB", "-0", img).stdout)
+    with imageformats.open(str(xzpath)) as dev:
+        assert [layer.format_name for layer in dev.layers()][:2] == ["qcow2", "xz"]
+        assert dev.pread(dev.size, 0) == oracle.read_bytes()
+
+
+def test_cli_info_and_cat(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=512KiB", "-0")
+    doc = json.loads(run("imageformats", "info", "--output", "json", path).stdout)
+    assert doc["stack"] == ["file", "xz"]
+    assert doc["layers"][0]["blocks"] == len(block_offsets(path)) == 6
+    raw = tmp_path / "out.raw"
+    run("imageformats", "convert", "-O", "raw", path, raw)
+    assert raw.read_bytes() == oracle
