@@ -8,9 +8,9 @@ correct data):
   ``stuck_bits``, randomly high or low; a stuck bit reads as its stuck value
   (with probability ``stuck_probability``, default always).  The map is not
   stored anywhere: for block ``b`` (``block`` bytes, default 4096) the number of
-  stuck bits comes from a counter-based hash of ``(seed, b)`` and their
-  positions and values from a Philox generator keyed by the seed with counter
-  ``b``.  So the same bit reads the same wrong value on every read, at any read
+  stuck bits (binomial) comes from a counter-based hash of ``(seed, b)`` and
+  their positions and values from the same hash of ``(seed, b, j)``, computed
+  with numpy for every block of a read at once.  So the same bit reads the same wrong value on every read, at any read
   alignment, through every clone and every new device with the same seed; a
   different seed gives a different map.  Half of the stuck bits are stuck at the
   value the data already has, so they change nothing (as on real hardware).
@@ -125,7 +125,7 @@ class EvilDevice(BlockDevice):
         self._clones = 0
         digest = hashlib.blake2b(b"evil\0" + str(seed).encode(), digest_size=32).digest()
         self._hash_key = np.uint64(int.from_bytes(digest[:8], "little"))
-        self._philox_key = int.from_bytes(digest[8:24], "little")
+        self._map_key = np.uint64(int.from_bytes(digest[8:16], "little"))
         self._transient_seed = int.from_bytes(digest[24:], "little")
         self._rng = np.random.Generator(np.random.PCG64([self._transient_seed, _stream]))
         self._rng_lock = threading.Lock()
@@ -144,36 +144,48 @@ class EvilDevice(BlockDevice):
         pos = np.searchsorted(self._cdf, u, side="right")
         return self._ks[np.minimum(pos, len(self._ks) - 1)]
 
-    def stuck_map(self, block_index: int, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(bit positions within the block, stuck values 0/1) of one block; the same on every call."""
-        if count is None:
-            count = int(self.stuck_counts(block_index, block_index)[0])
-        if count <= 0:
+    def stuck_bits_in(self, first_block: int, last_block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global bit indexes, stuck values 0/1) of blocks ``first_block..last_block``, ascending.
+
+        Bit ``j`` of block ``b``'s list is ``hash(seed, b, j) mod (8 * block)``: one
+        vectorised pass over every stuck bit of the range, no per-block state.
+        """
+        counts = self.stuck_counts(first_block, last_block)
+        total = int(counts.sum())
+        if total == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint8)
-        rng = np.random.Generator(np.random.Philox(key=self._philox_key, counter=block_index))
+        blocks = np.repeat(np.arange(first_block, last_block + 1, dtype=np.uint64), counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        j = (np.arange(total) - starts).astype(np.uint64)
+        h = _splitmix64(_splitmix64(blocks ^ self._map_key) + j)
         nbits = 8 * self.block
-        positions = rng.choice(nbits, size=min(count, nbits), replace=False)
-        values = rng.integers(0, 2, size=len(positions), dtype=np.uint8)
-        return positions.astype(np.int64), values
+        positions = blocks.astype(np.int64) * nbits + (h % np.uint64(nbits)).astype(np.int64)
+        values = (h >> np.uint64(63)).astype(np.uint8)
+        # A position drawn twice in a block keeps its first value (so a bit is high or low, never both).
+        positions, first = np.unique(positions, return_index=True)
+        return positions, values[first]
+
+    def stuck_map(self, block_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bit positions within the block, stuck values 0/1) of one block; the same on every call."""
+        positions, values = self.stuck_bits_in(block_index, block_index)
+        return positions - block_index * 8 * self.block, values
 
     def _apply_stuck(self, arr: np.ndarray, offset: int) -> None:
         end = offset + len(arr)
-        b0, b1 = offset // self.block, (end - 1) // self.block
-        counts = self.stuck_counts(b0, b1)
-        for i in np.flatnonzero(counts):
-            b = b0 + int(i)
-            positions, values = self.stuck_map(b, int(counts[i]))
-            if self.stuck_probability < 1.0:
-                with self._rng_lock:
-                    keep = self._rng.random(len(positions)) < self.stuck_probability
-                positions, values = positions[keep], values[keep]
-            byte = b * self.block + positions // 8 - offset
-            inside = (byte >= 0) & (byte < len(arr))
-            byte, bit, values = byte[inside], (positions[inside] % 8).astype(np.uint8), values[inside]
-            masks = np.left_shift(np.uint8(1), bit)
-            high = values == 1
-            np.bitwise_or.at(arr, byte[high], masks[high])
-            np.bitwise_and.at(arr, byte[~high], np.invert(masks[~high]))
+        positions, values = self.stuck_bits_in(offset // self.block, (end - 1) // self.block)
+        if self.stuck_probability < 1.0 and len(positions):
+            with self._rng_lock:
+                keep = self._rng.random(len(positions)) < self.stuck_probability
+            positions, values = positions[keep], values[keep]
+        byte = positions // 8 - offset
+        inside = (byte >= 0) & (byte < len(arr))
+        if not inside.any():
+            return
+        byte, bit, values = byte[inside], (positions[inside] % 8).astype(np.uint8), values[inside]
+        masks = np.left_shift(np.uint8(1), bit)
+        high = values == 1
+        np.bitwise_or.at(arr, byte[high], masks[high])
+        np.bitwise_and.at(arr, byte[~high], np.invert(masks[~high]))
 
     def _apply_cosmic(self, arr: np.ndarray) -> None:
         nbits = 8 * len(arr)
