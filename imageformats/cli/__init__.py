@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "imageformats.cli.map",
     "imageformats.cli.cat",
     "imageformats.cli.convert",
+    "imageformats.cli.luks",
     "imageformats.cli.create",
     "imageformats.cli.serve",
     "imageformats.cli.nbdkit_plugin",

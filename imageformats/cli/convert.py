@@ -18,6 +18,9 @@ def register(sub) -> None:
                    help="compress the output (passed to the output as the option compress=on)")
     p.add_argument("-p", "--progress", action="store_true", help="show progress")
     add_secret_arguments(p)
+    from .luks import add_new_secret_arguments
+
+    add_new_secret_arguments(p)  # the passphrase of an encrypted output (-O luks), read from a file
     p.set_defaults(func=run)
 
 
@@ -26,6 +29,9 @@ def run(args) -> int:
     options = parse_options(args.options)
     if args.compress:
         options["compress"] = "on"
+    from .luks import new_secret_from_args
+
+    options.update(new_secret_from_args(args))  # {"new_passphrase": bytes} etc., never from -o
     progress = Progress(args.progress)
     with open_image(args, args.source, fmt=args.format) as src:
         output.write(src, args.destination, options, progress)
