@@ -30,6 +30,7 @@ from .errors import (
     InvalidArgumentError,
     NoSpaceError,
     NotFastError,
+    NotFoundError,
     OutOfRangeError,
     ReadOnlyError,
     UnsupportedFeatureError,
@@ -312,6 +313,8 @@ _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
 def _os_error(exc: OSError, what: str) -> ImageFormatError:
+    if exc.errno == errno.ENOENT:
+        return NotFoundError(f"{what}: no such file or directory")
     if exc.errno == errno.ENOSPC:
         return NoSpaceError(f"{what}: no space left on device")
     if exc.errno in (errno.EROFS, errno.EBADF, errno.EPERM, errno.EACCES):
@@ -340,13 +343,16 @@ class FileDevice(BlockDevice):
             try:
                 self._fd = os.open(self.path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise InvalidArgumentError(f"{self.path}: no such file") from None
+                raise NotFoundError(f"{self.path}: no such file") from None
             except IsADirectoryError:
                 raise InvalidArgumentError(f"{self.path}: is a directory") from None
             except OSError as exc:
                 raise _os_error(exc, self.path) from None
         self.readonly = not writable
         st = os.fstat(self._fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(self._fd)
+            raise InvalidArgumentError(f"{self.path or 'fd'}: is a directory")
         self._regular = stat.S_ISREG(st.st_mode)
         self.size = size if size is not None else (st.st_size if self._regular else os.lseek(self._fd, 0, os.SEEK_END))
         self._lock = threading.Lock()

@@ -25,6 +25,13 @@ class InvalidArgumentError(ImageFormatError, ValueError):
     exit_code = 2
 
 
+class NotFoundError(InvalidArgumentError):
+    """A file or directory that was named does not exist."""
+
+    errno = _errno.ENOENT
+    exit_code = 11
+
+
 class CorruptImageError(ImageFormatError):
     """The image is damaged or hostile: bad magic, bad checksum, a table pointing outside the file."""
 
@@ -95,6 +102,7 @@ class ClosedDeviceError(ImageFormatError):
 __all__ = [
     "ImageFormatError",
     "InvalidArgumentError",
+    "NotFoundError",
     "CorruptImageError",
     "UnsupportedFeatureError",
     "NotFastError",

@@ -31,6 +31,7 @@ from imageformats.block import (
 )
 from imageformats.errors import (
     InvalidArgumentError,
+    NotFoundError,
     NotFastError,
     OutOfRangeError,
     ReadOnlyError,
@@ -143,9 +144,14 @@ def test_slice_rejects_windows_outside_the_backing():
             SliceDevice(mem, offset, length)
 
 
-def test_missing_file_is_our_error(tmp_path):
-    with pytest.raises(InvalidArgumentError, match="no such file"):
+def test_missing_file_or_directory_is_our_error(tmp_path):
+    with pytest.raises(NotFoundError, match="no such file"):
         FileDevice(tmp_path / "nope.raw")
+    assert issubclass(NotFoundError, InvalidArgumentError)
+    with pytest.raises(InvalidArgumentError, match="is a directory"):
+        FileDevice(tmp_path)
+    with pytest.raises(NotFoundError):
+        FileDevice.create(tmp_path / "no" / "dir.raw", 10)
 
 
 # -- model-based test against a bytearray -----------------------------------------------------------------

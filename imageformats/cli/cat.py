@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 
 from ..block import MiB
-from ..errors import InvalidArgumentError
+from ..errors import OutOfRangeError
 from .common import add_secret_arguments, open_image, parse_size, stdout_binary
 
 CHUNK = 4 * MiB
@@ -55,7 +55,7 @@ def run(args) -> int:
     offset = parse_size(args.offset)
     with open_image(args, args.image, fmt=args.format) as dev:
         if offset > dev.size:
-            raise InvalidArgumentError(f"offset {offset} is past the end of the {dev.size}-byte image")
+            raise OutOfRangeError(f"offset {offset} is past the end of the {dev.size}-byte image")
         count = dev.size - offset if args.count is None else parse_size(args.count)
         count = min(count, dev.size - offset)  # like the seed's streamer: a count past the end stops at it
         out = stdout_binary()

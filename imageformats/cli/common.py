@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import detect
 from ..block import BlockDevice
-from ..errors import InvalidArgumentError, SecretRequiredError
+from ..errors import InvalidArgumentError, NotFoundError, SecretRequiredError
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 
@@ -57,8 +57,13 @@ def add_secret_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_secret_file(path: str) -> bytes:
     if path == "-":
         return sys.stdin.buffer.read()
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidArgumentError(f"{path}: is a directory") from None
 
 
 def read_passphrase_file(path: str) -> bytes:
