@@ -15,6 +15,13 @@ declare -A PEERS=(
   [nbdcopy]=libnbd-bin
   [nbdsh]=libnbd-bin
   [/usr/lib/python3/dist-packages/nbd.py]=python3-libnbd
+  # imageformats' runtime deps for the system python3 that nbdkit's python plugin embeds
+  [/usr/lib/python3/dist-packages/cryptography]=python3-cryptography
+  [/usr/lib/python3/dist-packages/construct]=python3-construct
+  [/usr/lib/python3/dist-packages/zstandard]=python3-zstandard
+  [/usr/lib/python3/dist-packages/numpy]=python3-numpy
+  [/usr/lib/python3/dist-packages/crcmod]=python3-crcmod
+  [/usr/lib/python3/dist-packages/xxhash]=python3-xxhash
   [xz]=xz-utils
   [zstd]=zstd
   [gzip]=gzip

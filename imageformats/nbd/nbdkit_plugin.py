@@ -39,10 +39,50 @@ def _package_root():
     return os.path.dirname(os.path.dirname(here))
 
 
+def _system_site_dirs():
+    """Debian's dist-packages for the running libpython's version.
+
+    The embedded interpreter finds its prefix through the first ``python3`` on
+    PATH; under pyenv or a venv that is another installation, whose sys.path
+    lacks the Debian packages built for the libpython nbdkit actually loaded.
+    """
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return [d for d in (f"/usr/local/lib/python{ver}/dist-packages", "/usr/lib/python3/dist-packages",
+                        f"/usr/lib/python{ver}/dist-packages") if os.path.isdir(d)]
+
+
+def _use_matching_stdlib():
+    """Point sys.path at the stdlib of the libpython nbdkit loaded, when PATH led elsewhere.
+
+    nbdkit's python plugin links the system libpython, but the interpreter takes
+    its prefix from the first ``python3`` on PATH (a pyenv or venv python), whose
+    stdlib and extension modules (``_ssl``, ``_lzma``...) may not match.
+    """
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            libs = {line.split()[-1] for line in f if "/libpython3" in line}
+    except OSError:
+        return
+    prefixes = {lib.split("/lib/")[0] or "/" for lib in libs if "/lib/" in lib}
+    if len(prefixes) != 1:
+        return
+    (prefix,) = prefixes
+    if os.path.realpath(sys.prefix) == os.path.realpath(prefix):
+        return
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    std = [f"{prefix}/lib/python{ver}", f"{prefix}/lib/python{ver}/lib-dynload"]
+    if not all(os.path.isdir(d) for d in std):
+        return
+    wrong = os.path.realpath(sys.prefix)
+    sys.path[:] = std + [p for p in sys.path if not os.path.realpath(p or ".").startswith(wrong + os.sep)]
+
+
+_use_matching_stdlib()
 _ROOT = _package_root()
-if _ROOT not in sys.path:
-    # Appended, so the system python's own (Debian) packages win over anything else there.
-    sys.path.append(_ROOT)
+for _dir in [*_system_site_dirs(), _ROOT]:
+    if _dir not in sys.path:
+        # Appended, so the system python's own (Debian) packages win over anything else there.
+        sys.path.append(_dir)
 
 import nbdkit  # noqa: E402  (provided by nbdkit's python plugin)
 
