@@ -21,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .errors import (
     ClosedDeviceError,
     DeviceIOError,
@@ -90,6 +88,8 @@ def is_zero(buf) -> bool:
 
     (Comparing memoryviews runs element by element at ~0.5 GB/s; numpy's any() is ~20 GB/s.)
     """
+    import numpy as np  # lazily: keeps `imageformats --help` fast
+
     mv = memoryview(buf).cast("B")
     for pos in range(0, len(mv), _ZERO_CHUNK):
         if np.frombuffer(mv[pos : pos + _ZERO_CHUNK], dtype=np.uint8).any():
@@ -103,6 +103,8 @@ def zero_runs(buf, granule: int = 4096) -> list[tuple[int, int, bool]]:
     A run is data unless every byte of each of its granules is zero (the last
     granule may be short).  Vectorised: one numpy reduction for the whole buffer.
     """
+    import numpy as np
+
     mv = memoryview(buf).cast("B")
     n = len(mv)
     if n == 0:
