@@ -81,6 +81,8 @@ class _Shared:
     def add_points(self, pts) -> None:
         for p in pts:
             i = bisect.bisect_right(self.point_u, p.u)
+            if i and self.point_u[i - 1] == p.u and self.points[i - 1].c == p.c:
+                continue  # the same point again
             self.point_u.insert(i, p.u)
             self.points.insert(i, p)
 
@@ -316,8 +318,7 @@ class GzipDevice(BlockDevice):
                     self._add_region(_Region(pos_u, end, AccessPoint(pos_u, pos_c, 0, 0, b""), indexed=True))
                 if run is not None:
                     pos_u, pos_c = run.uend, run.end_foffset
-        have = set(s.point_u)
-        s.add_points(p for p in points if p.u not in have)
+        s.add_points(points)
 
     # -- reading ----------------------------------------------------------------------
 
