@@ -87,14 +87,16 @@ def _export_names(args) -> list[str]:
     return names
 
 
-def _uri(address, export: str) -> str:
+def _uri(address, export: str, tls: bool = False) -> str:
+    """The NBD URI of an export (NBD URI spec: nbd[s]://host:port/name, nbd[s]+unix:///name?socket=)."""
     name = urllib.parse.quote(export)
+    scheme = "nbds" if tls else "nbd"
     if isinstance(address, str):
-        return f"nbd+unix:///{name}?socket={urllib.parse.quote(address)}"
+        return f"{scheme}+unix:///{name}?socket={urllib.parse.quote(address)}"
     host, port = address[0], address[1]
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{name}"
+    return f"{scheme}://{host}:{port}/{name}"
 
 
 def run(args) -> int:
@@ -140,7 +142,7 @@ async def _serve(args, exports: list[Export], tls) -> int:
             tmpdir = tempfile.mkdtemp(prefix="imageformats-nbd-")
             await server.start_unix(os.path.join(tmpdir, "socket"))
         address = server.addresses[0]
-        uri = _uri(address, exports[0].name)
+        uri = _uri(address, exports[0].name, tls=args.tls == "require")
         if args.print_uri:
             print(uri, flush=True)
         serving = asyncio.ensure_future(server.serve_forever())

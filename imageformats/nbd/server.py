@@ -101,6 +101,7 @@ class NBDServer:
         threads: int | None = None,
         tls: ssl.SSLContext | None = None,
         tls_required: bool = False,
+        handshake_timeout: float = 60.0,
     ):
         if isinstance(exports, Mapping):
             exports = [Export(name, dev, writable=not dev.readonly) for name, dev in exports.items()]
@@ -115,6 +116,7 @@ class NBDServer:
         self.workers = max(1, workers)
         self.tls = tls
         self.tls_required = tls_required and tls is not None
+        self.handshake_timeout = handshake_timeout
         self.executor = ThreadPoolExecutor(max_workers=threads or 8, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task] = set()
@@ -176,6 +178,9 @@ class NBDServer:
         conn = _Connection(self, reader, writer)
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            # server shutdown: asyncio's stream callback must not see a cancelled task
+            writer.transport.abort()
         finally:
             self._connections.discard(task)
 
@@ -290,7 +295,10 @@ class _Connection:
     async def run(self) -> None:
         peer = self.writer.get_extra_info("peername") or "unix client"
         try:
-            export = await self._negotiate()
+            try:
+                export = await asyncio.wait_for(self._negotiate(), self.server.handshake_timeout)
+            except asyncio.TimeoutError:
+                raise _HardDisconnect("handshake timed out") from None
             if export is not None:
                 await self._transmission(export)
         except _HardDisconnect as exc:
@@ -311,8 +319,8 @@ class _Connection:
         try:
             self.writer.close()
             await self.writer.wait_closed()
-        except Exception:
-            pass
+        except (Exception, asyncio.CancelledError):
+            self.writer.transport.abort()
 
     # -- handshake ("Fixed newstyle negotiation") ---------------------------------------
 
