@@ -17,6 +17,7 @@ from .errors import (
     InvalidArgumentError,
     NoSpaceError,
     NotFastError,
+    NotFoundError,
     OutOfRangeError,
     ReadOnlyError,
     SecretRequiredError,
@@ -47,5 +48,6 @@ __all__ = [
     "OutOfRangeError",
     "DeviceIOError",
     "NoSpaceError",
+    "NotFoundError",
     "ClosedDeviceError",
 ]
