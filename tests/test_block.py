@@ -30,6 +30,7 @@ from imageformats.block import (
     zero_runs,
 )
 from imageformats.errors import (
+    DeviceIOError,
     InvalidArgumentError,
     NotFoundError,
     NotFastError,
@@ -467,3 +468,13 @@ def test_copy_refuses_small_or_readonly_destination():
         copy(src, MemoryDevice(4095))
     with pytest.raises(ReadOnlyError):
         copy(src, MemoryDevice(4096, writable=False))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_copy_propagates_read_errors(workers):
+    src = EvilDevice(MemoryDevice(b"\x01" * (12 * MiB), writable=False), eio=[(9 * MiB + 5, 1)])
+    dst = MemoryDevice(12 * MiB)
+    with pytest.raises(DeviceIOError, match=f"at offset {9 * MiB + 5}"):
+        copy(src, dst, workers=workers, chunk=MiB)
+    assert dst.data[: MiB] == b"\x01" * MiB  # pieces before the error were copied
+    assert not src.closed and not dst.closed  # the caller's handles stay open (clones are closed)
