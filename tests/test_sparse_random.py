@@ -117,7 +117,7 @@ def test_percent_zero_and_hundred():
 
 
 def test_1tib_and_8tib_extents_in_constant_memory():
-    for size, limit, trace in ((TiB, 5.0, True), (8 * TiB, 10.0, False)):
+    for size, limit, trace in ((TiB, 15.0, True), (8 * TiB, 30.0, False)):
         dev = SparseRandomDevice(size, seed=9, percent=10)
         if trace:
             tracemalloc.start()
