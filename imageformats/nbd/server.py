@@ -102,6 +102,7 @@ class NBDServer:
         tls: ssl.SSLContext | None = None,
         tls_required: bool = False,
         handshake_timeout: float = 60.0,
+        send_timeout: float = 120.0,
     ):
         if isinstance(exports, Mapping):
             exports = [Export(name, dev, writable=not dev.readonly) for name, dev in exports.items()]
@@ -117,6 +118,7 @@ class NBDServer:
         self.tls = tls
         self.tls_required = tls_required and tls is not None
         self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
         self.executor = ThreadPoolExecutor(max_workers=threads or 8, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task] = set()
@@ -316,6 +318,8 @@ class _Connection:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.handles is not None:
             self.handles.close()
+        if getattr(self, "tx", None) is not None:
+            self.tx.close()
         try:
             self.writer.close()
             await self.writer.wait_closed()
@@ -536,6 +540,7 @@ class _Connection:
         self.handles = _Handles(self.server, export)
         self.block_status_ok = self.meta_selected and self.meta_export is export
         self.payload_max = block_sizes(export.device, self.server.max_payload)[2]
+        self._setup_direct()
         while True:
             header = await self._read(P.REQUEST.size)
             magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack(header)
@@ -596,25 +601,64 @@ class _Connection:
             await handles.put(dev)
 
     # -- replies ---------------------------------------------------------------------
+    #
+    # In the transmission phase of a plain (non-TLS) connection, replies are sent by
+    # the worker threads on a duplicate of the socket, under a lock that keeps each
+    # reply whole: the payload copy into the kernel then happens outside the event
+    # loop (and outside the GIL), on the thread that just read the data.  TLS
+    # connections send through the asyncio transport.
+
+    def _setup_direct(self) -> None:
+        self.tx: socket.socket | None = None
+        self.tx_lock = threading.Lock()
+        if self.tls_active:
+            return
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return
+        tx = socket.socket(fileno=os.dup(sock.fileno()))
+        tx.settimeout(self.server.send_timeout)  # blocking sends with a deadline, poll() inside
+        self.tx = tx
+
+    def _tx_send(self, parts) -> None:
+        """Send one whole reply from a worker thread (direct mode)."""
+        with self.tx_lock:
+            if self.dead:
+                raise _HardDisconnect("client went away")
+            try:
+                for part in parts:
+                    self.tx.sendall(part)
+            except OSError as exc:  # reset, broken pipe, or the send deadline passed
+                self.dead = True
+                raise _HardDisconnect(f"client went away ({exc})") from None
+
+    async def _reply(self, parts) -> None:
+        if self.tx is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.server.executor, self._tx_send, parts)
+        else:
+            self._send(*parts)
+            await self._drain()
+
+    def _ok_parts(self, cookie: int) -> list:
+        if self.structured:
+            return [P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                            P.NBD_REPLY_TYPE_NONE, cookie, 0)]
+        return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie)]
 
     async def _reply_ok(self, cmd: int, cookie: int) -> None:
-        if self.structured:
-            self._send(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
-                                               P.NBD_REPLY_TYPE_NONE, cookie, 0))
-        else:
-            self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
-        await self._drain()
+        await self._reply(self._ok_parts(cookie))
 
     async def _reply_error(self, cmd: int, cookie: int, error: int, message: str) -> None:
         if self.structured:
             # "NBD_REPLY_TYPE_ERROR": error, message length, message
             msg = message.encode("utf-8", "replace")[: P.MAX_STRING]
             payload = P.ERROR_CHUNK.pack(error, len(msg)) + msg
-            self._send(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
-                                               P.NBD_REPLY_TYPE_ERROR, cookie, len(payload)), payload)
+            parts = [P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                             P.NBD_REPLY_TYPE_ERROR, cookie, len(payload)), payload]
         else:
-            self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, error, cookie))
-        await self._drain()
+            parts = [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, error, cookie)]
+        await self._reply(parts)
 
     # -- commands --------------------------------------------------------------------
 
@@ -707,36 +751,51 @@ class _Connection:
             return await self._reply_error(P.NBD_CMD_READ, cookie, err,
                                            f"read of {length} bytes exceeds the {self.payload_max}-byte maximum")
         use_extents = self.structured and not flags & P.NBD_CMD_FLAG_DF
+        direct = self.tx is not None
+
+        def job(dev: BlockDevice):
+            buf, pieces = self._read_pieces(dev, offset, length, use_extents)
+            parts = self._read_parts(cookie, length, buf, pieces)
+            if direct:
+                self._tx_send(parts)
+                return None
+            return parts
+
         try:
-            buf, pieces = await self._call(self._read_pieces, offset, length, use_extents)
+            parts = await self._call(job)
         except _HardDisconnect:
             raise
         except Exception as exc:
             err, msg = _error_of(exc)
             return await self._reply_error(P.NBD_CMD_READ, cookie, err, msg)
+        if parts is not None:
+            self._send(*parts)
+            await self._drain()
+
+    def _read_parts(self, cookie: int, length: int, buf: bytearray, pieces) -> list:
+        """The reply to a successful READ, as buffers to send in order."""
         if not self.structured:
             # "Simple reply message"
-            self._send(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), buf)
-            return await self._drain()
+            return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), buf]
         if length == 0:
-            return await self._reply_ok(P.NBD_CMD_READ, cookie)
+            return self._ok_parts(cookie)
         # "NBD_REPLY_TYPE_OFFSET_DATA" / "NBD_REPLY_TYPE_OFFSET_HOLE"; all data is in hand,
         # so the last content chunk can carry NBD_REPLY_FLAG_DONE.
+        parts: list = []
         view = memoryview(buf)
         at = 0
         last = len(pieces) - 1
         for i, (start, n, hole) in enumerate(pieces):
             done = P.NBD_REPLY_FLAG_DONE if i == last else 0
             if hole:
-                self._send(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_HOLE,
-                                                   cookie, P.OFFSET_HOLE.size),
-                           P.OFFSET_HOLE.pack(start, n))
+                parts.append(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_HOLE,
+                                                     cookie, P.OFFSET_HOLE.size) + P.OFFSET_HOLE.pack(start, n))
             else:
-                self._send(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_DATA,
-                                                   cookie, 8 + n),
-                           P.U64.pack(start), view[at : at + n])
+                parts.append(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_DATA,
+                                                     cookie, 8 + n) + P.U64.pack(start))
+                parts.append(view[at : at + n])
                 at += n
-        await self._drain()
+        return parts
 
     @staticmethod
     def _extents(dev: BlockDevice, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
@@ -774,9 +833,8 @@ class _Connection:
         if not descs:  # a device must report at least one extent; be safe
             descs = [(length, 0)]
         payload = P.U32.pack(META_CONTEXT_ID) + b"".join(struct.pack(">II", n, s) for n, s in descs)
-        self._send(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
-                                           P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)), payload)
-        await self._drain()
+        await self._reply([P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                                   P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)), payload])
 
 
 # ---------------------------------------------------------------------------------
