@@ -349,10 +349,13 @@ def test_cli_errors(tmp_path):
     proc = cli("create", "-f", "qcow2", tmp_path / "x.qcow2", check=False)
     assert proc.returncode == 2 and b"size" in proc.stderr
     proc = cli("create", "-f", "qcow2", "-b", "missing.raw", tmp_path / "y.qcow2", check=False)
-    assert proc.returncode == 2 and b"missing.raw" in proc.stderr
+    assert proc.returncode == 11 and b"missing.raw" in proc.stderr  # NotFoundError
     # -u: no check of the backing file (a size is then required).
     cli("create", "-f", "qcow2", "-u", "-b", "missing.raw", "-F", "raw", tmp_path / "z.qcow2", "1M")
     assert info(tmp_path / "z.qcow2")["backing-filename"] == "missing.raw"
+    raw = make_source(tmp_path / "s.raw", 1 * MiB, [(0, 4096)])
+    proc = cli("convert", "-O", "qcow2", raw, tmp_path / "no-such-dir" / "out.qcow2", check=False)
+    assert proc.returncode == 11 and b"no-such-dir" in proc.stderr
 
 
 def test_too_large_for_cluster_size(tmp_path):
