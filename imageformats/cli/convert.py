@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from .. import detect
+from ..errors import InvalidArgumentError
 from .common import Progress, add_secret_arguments, open_image, parse_options
 
 
@@ -24,7 +27,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the destination does not exist yet, or the source is a URL
+        return False
+
+
 def run(args) -> int:
+    if _same_file(args.source, args.destination):
+        # Writing the output would truncate the input before it is read.
+        raise InvalidArgumentError(f"destination {args.destination} is the source image itself")
     output = detect.get_output(args.output_format)
     options = parse_options(args.options)
     if args.compress:
