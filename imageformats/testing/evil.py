@@ -10,10 +10,11 @@ correct data):
   stored anywhere: for block ``b`` (``block`` bytes, default 4096) the number of
   stuck bits (binomial) comes from a counter-based hash of ``(seed, b)`` and
   their positions and values from the same hash of ``(seed, b, j)``, computed
-  with numpy for every block of a read at once.  So the same bit reads the same wrong value on every read, at any read
-  alignment, through every clone and every new device with the same seed; a
-  different seed gives a different map.  Half of the stuck bits are stuck at the
-  value the data already has, so they change nothing (as on real hardware).
+  with numpy for every block of a read at once.  So the same bit reads the
+  same wrong value on every read, at any read alignment, through every clone
+  and every new device with the same seed; a different seed gives a different
+  map.  Half of the stuck bits are stuck at the value the data already has, so
+  they change nothing (as on real hardware).
 * **cosmic rays** (transient).  Each bit read is flipped with probability
   ``cosmic_rays``; a seeded generator per handle, so a run is reproducible but a
   re-read of the same range differs.
