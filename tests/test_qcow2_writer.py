@@ -182,6 +182,17 @@ def test_convert_lazy_refcounts_and_refcount_bits(tmp_path):
     assert data["lazy-refcounts"] is True and data["refcount-bits"] == 64
 
 
+def test_compressed_packing_respects_refcount_width(tmp_path):
+    # 16K clusters of 0xff deflate to ~33 bytes: ~500 would share one host cluster, more than 8-bit refcounts count.
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\xff" * (300 * 16 * KiB) + bytes(16 * KiB))
+    dst = tmp_path / "out.qcow2"
+    convert(src, dst, cluster_size="16K", refcount_bits=8, compress="on")
+    report = verify(src, dst, tmp_path, granule=16 * KiB, compressed=True)
+    assert report["compressed-clusters"] == 300
+    assert info(dst)["format-specific"]["data"]["refcount-bits"] == 8
+
+
 def test_source_size_not_sector_multiple(tmp_path):
     src = make_source(tmp_path / "src.raw", 1 * MiB + 1000, [(1 * MiB - 10, 1010)], seed=5)
     dst = tmp_path / "out.qcow2"

@@ -224,6 +224,9 @@ class _Refcounts:
             new[: len(self.a)] = self.a
             self.a = new
 
+    def get(self, index: int) -> int:
+        return int(self.a[index]) if index < len(self.a) else 0
+
     def add(self, first: int, count: int = 1) -> None:
         self._grow(first + count)
         self.a[first : first + count] += 1
@@ -273,6 +276,7 @@ class Qcow2Writer:
         self.cur_l2 = np.zeros(self.l2_entries * (2 if self.ext else 1), dtype=np.uint64)
         self.cur_l2_used = False
         self.refcounts = _Refcounts()
+        self.refcount_limit = (1 << options.refcount_bits) - 1
         self.refcounts.add(0)  # cluster 0: the header
         self.pos = cs  # next free host byte
         self.data_clusters = 0
@@ -590,6 +594,11 @@ class Qcow2Writer:
                 rc.add(aligned // cs)
                 self.data_clusters += 1
                 continue
+            if pos % cs and rc.get(pos // cs) >= self.refcount_limit:
+                # The host cluster is referenced as often as refcount_bits allows: start a new one.
+                aligned = -(-pos // cs) * cs
+                out += bytes(aligned - pos)
+                pos = aligned
             # "Compressed Clusters Descriptor": offset, then additional 512-byte sectors beyond the first.
             end = pos + len(blob)
             extra = (end - 1) // H.COMPRESSED_SECTOR_SIZE - pos // H.COMPRESSED_SECTOR_SIZE
