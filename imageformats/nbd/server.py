@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import os
+import queue
 import socket
 import ssl
 import struct
@@ -45,6 +46,8 @@ DEFAULT_WORKERS = 4
 MAX_OPTION_LENGTH = 64 * 1024
 #: A WRITE or option payload beyond this is treated as an attack: hard disconnect.
 DISCARD_LIMIT = 64 * MiB
+#: Read buffers up to this size are reused by each worker thread; larger ones are allocated.
+SCRATCH_MAX = 4 * MiB
 #: Holes shorter than this in a READ are sent as data (not worth a chunk).
 MIN_HOLE_CHUNK = 4096
 #: At most this many content chunks per READ reply; the rest is sent as data.
@@ -52,6 +55,9 @@ MAX_READ_CHUNKS = 256
 #: At most this many descriptors per block-status chunk ("SHOULD NOT send more than 2^20").
 MAX_BLOCK_STATUS_EXTENTS = 1 << 20
 META_CONTEXT_ID = 1
+
+
+_TOO_BIG = object()  # marks a WRITE whose payload was skipped because it was too large
 
 
 class _HardDisconnect(Exception):
@@ -103,6 +109,7 @@ class NBDServer:
         tls_required: bool = False,
         handshake_timeout: float = 60.0,
         send_timeout: float = 120.0,
+        idle_timeout: float | None = None,
     ):
         if isinstance(exports, Mapping):
             exports = [Export(name, dev, writable=not dev.readonly) for name, dev in exports.items()]
@@ -119,6 +126,8 @@ class NBDServer:
         self.tls_required = tls_required and tls is not None
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
+        #: A connection with no request for this long is dropped (None: never).
+        self.idle_timeout = idle_timeout if idle_timeout is not None else 20.0 * 86400  # poll() takes int ms
         self.executor = ThreadPoolExecutor(max_workers=threads or 8, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task] = set()
@@ -188,52 +197,51 @@ class NBDServer:
 
 
 class _Handles:
-    """Device handles of one connection on one export: clones, or the shared device under a lock."""
+    """Device handles of one connection: clones made on demand (one per thread at work), or
+    the export's own device under the export's lock when it cannot (or must not) be cloned."""
 
     def __init__(self, server: NBDServer, export: Export):
-        self.server = server
         self.export = export
-        self.limit = server.workers
+        self.lock = threading.Lock()
         self.free: list[BlockDevice] = []
         self.all: list[BlockDevice] = []
-        self.cond = asyncio.Condition()
+        self.closed = False
         # A writable device whose clones do not share a cache must not be written
         # through several handles at once: every connection uses the one device.
         self.shared = export.writable and not export.device.can_multi_conn
 
-    async def get(self) -> BlockDevice:
-        if self.shared:
-            return self.export.device
-        async with self.cond:
-            while True:
+    def run(self, fn, *args):
+        """``fn(device, *args)`` on a free handle (called from worker threads)."""
+        dev = None
+        if not self.shared:
+            with self.lock:
                 if self.free:
-                    return self.free.pop()
-                if len(self.all) < self.limit:
-                    loop = asyncio.get_running_loop()
-                    try:
-                        dev = await loop.run_in_executor(self.server.executor, self.export.device.clone)
-                    except ImageFormatError:
-                        self.shared = True
-                        return self.export.device
-                    self.all.append(dev)
-                    return dev
-                await self.cond.wait()
-
-    async def put(self, dev: BlockDevice) -> None:
-        if dev is self.export.device:
-            return
-        async with self.cond:
-            self.free.append(dev)
-            self.cond.notify()
+                    dev = self.free.pop()
+            if dev is None:
+                try:
+                    dev = self.export.device.clone()
+                except ImageFormatError:
+                    self.shared = True
+                else:
+                    with self.lock:
+                        self.all.append(dev)
+        if dev is None:
+            with self.export.lock:
+                return fn(self.export.device, *args)
+        try:
+            return fn(dev, *args)
+        finally:
+            with self.lock:
+                self.free.append(dev)
 
     def close(self) -> None:
-        for dev in self.all:
+        with self.lock:
+            devs, self.all, self.free = self.all, [], []
+        for dev in devs:
             try:
                 dev.close()
             except Exception:  # closing a clone must not take the server down
                 log.exception("closing a device handle")
-        self.all.clear()
-        self.free.clear()
 
 
 def _error_of(exc: BaseException) -> tuple[int, str]:
@@ -258,6 +266,8 @@ class _Connection:
         self.handles: _Handles | None = None
         self.tasks: set[asyncio.Task] = set()
         self.sem = asyncio.Semaphore(server.max_inflight)
+        self.tx_lock = threading.Lock()
+        self.scratch = threading.local()  # per worker thread read buffer (thread mode)
         self.dead = False
 
     def _reset_options(self) -> None:
@@ -318,8 +328,10 @@ class _Connection:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.handles is not None:
             self.handles.close()
-        if getattr(self, "tx", None) is not None:
-            self.tx.close()
+        for name in ("rx", "tx"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close()
         try:
             self.writer.close()
             await self.writer.wait_closed()
@@ -534,13 +546,28 @@ class _Connection:
         await self._opt_reply(opt, P.NBD_REP_ACK)
 
     # -- transmission ("Transmission", "Request types") --------------------------------
+    #
+    # Requests are processed by _process() in a thread: validation, the device call and
+    # the reply, built as a list of buffers.  On plain connections the whole transmission
+    # phase runs on threads (nbdkit-style): one reader thread parses requests from a
+    # duplicate of the socket, a few worker threads per connection process them and send
+    # each reply whole under a lock.  TLS connections stay on asyncio (the SSL state lives
+    # in the transport) and run _process() in the shared thread pool.
 
     async def _transmission(self, export: Export) -> None:
         self.export = export
         self.handles = _Handles(self.server, export)
         self.block_status_ok = self.meta_selected and self.meta_export is export
         self.payload_max = block_sizes(export.device, self.server.max_payload)[2]
-        self._setup_direct()
+        sock = self.writer.get_extra_info("socket")
+        if self.tls_active or sock is None:
+            await self._transmission_async()
+        else:
+            await self._transmission_threads(sock)
+
+    # ---- asyncio mode (TLS) ----
+
+    async def _transmission_async(self) -> None:
         while True:
             header = await self._read(P.REQUEST.size)
             magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack(header)
@@ -556,13 +583,11 @@ class _Connection:
                     if length > DISCARD_LIMIT:
                         raise _HardDisconnect(f"write payload of {length} bytes")
                     await self._discard(length)
-                    await self._acquire()
-                    self._spawn(self._reply_error(cmd, cookie, P.NBD_EINVAL,
-                                                  f"write of {length} bytes exceeds the {self.payload_max}-byte maximum"))
-                    continue
-                payload = await self._read(length)
+                    payload = _TOO_BIG
+                else:
+                    payload = await self._read(length)
             await self._acquire()
-            self._spawn(self._request(flags, cmd, cookie, offset, length, payload))
+            self._spawn(self._request_async((flags, cmd, cookie, offset, length, payload)))
 
     async def _acquire(self) -> None:
         await self.sem.acquire()
@@ -582,46 +607,130 @@ class _Connection:
 
         task.add_done_callback(done)
 
-    async def _call(self, fn, *args):
-        """Run ``fn(device, *args)`` on a handle of this connection, in the thread pool."""
-        handles = self.handles
-        dev = await handles.get()
+    async def _request_async(self, request) -> None:
+        loop = asyncio.get_running_loop()
+        parts = await loop.run_in_executor(self.server.executor, self._process, *request)
+        self._send(*parts)
+        await self._drain()
+
+    # ---- thread mode (plain connections) ----
+
+    async def _transmission_threads(self, sock) -> None:
+        # Bytes the StreamReader already buffered belong to the first requests.
+        buffered = getattr(self.reader, "_buffer", None)
+        leftover = bytes(buffered) if buffered else b""
+        if buffered:
+            buffered.clear()
+        self.writer.transport.pause_reading()
+        self.rx = socket.socket(fileno=os.dup(sock.fileno()))
+        self.rx.settimeout(self.server.idle_timeout)
+        self.tx = socket.socket(fileno=os.dup(sock.fileno()))
+        self.tx.settimeout(self.server.send_timeout)
+        self.leftover = leftover
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def target() -> None:
+            try:
+                self._reader_thread()
+            except Exception:
+                log.exception("connection thread failed")
+            finally:
+                try:
+                    loop.call_soon_threadsafe(finished.set_result, None)
+                except RuntimeError:  # the loop is gone (interpreter shutdown)
+                    pass
+
+        threading.Thread(target=target, name="nbd-conn", daemon=True).start()
         try:
-            loop = asyncio.get_running_loop()
-            if dev is handles.export.device and handles.shared:
-                lock = handles.export.lock
+            await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            self._kill_sockets()  # server shutdown: wake the reader, fail the senders
+            await finished
+            raise
 
-                def locked():
-                    with lock:
-                        return fn(dev, *args)
+    def _kill_sockets(self) -> None:
+        self.dead = True
+        for s in (getattr(self, "rx", None), getattr(self, "tx", None)):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
-                return await loop.run_in_executor(self.server.executor, locked)
-            return await loop.run_in_executor(self.server.executor, fn, dev, *args)
+    def _recv_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        if self.leftover:
+            take = self.leftover[:n]
+            view[: len(take)] = take
+            self.leftover = self.leftover[len(take):]
+            got = len(take)
+        while got < n:
+            try:
+                k = self.rx.recv_into(view[got:])
+            except OSError as exc:
+                raise _HardDisconnect(f"client went away ({exc})") from None
+            if not k:
+                raise _HardDisconnect("client went away")
+            got += k
+        return buf
+
+    def _reader_thread(self) -> None:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        inflight = threading.Semaphore(self.server.max_inflight)
+        workers = [threading.Thread(target=self._worker, args=(q, inflight), name="nbd-worker", daemon=True)
+                   for _ in range(self.server.workers)]
+        for w in workers:
+            w.start()
+        try:
+            while True:
+                magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack(self._recv_exact(P.REQUEST.size))
+                if magic != P.NBD_REQUEST_MAGIC:
+                    raise _HardDisconnect(f"bad request magic {magic:#x}")
+                if cmd == P.NBD_CMD_DISC:
+                    return  # in-flight requests finish below
+                payload = None
+                if cmd == P.NBD_CMD_WRITE:
+                    if length > self.payload_max:
+                        # "Size constraints": the client MUST NOT; skip the payload and refuse.
+                        if length > DISCARD_LIMIT:
+                            raise _HardDisconnect(f"write payload of {length} bytes")
+                        while length:
+                            length -= len(self._recv_exact(min(length, MiB)))
+                        payload = _TOO_BIG
+                    else:
+                        payload = self._recv_exact(length)
+                inflight.acquire()
+                if self.dead:
+                    return
+                q.put((flags, cmd, cookie, offset, length, payload))
+        except _HardDisconnect as exc:
+            log.debug("%s", exc)
+            self._kill_sockets()
         finally:
-            await handles.put(dev)
+            for _ in workers:
+                q.put(None)
+            for w in workers:
+                w.join()
 
-    # -- replies ---------------------------------------------------------------------
-    #
-    # In the transmission phase of a plain (non-TLS) connection, replies are sent by
-    # the worker threads on a duplicate of the socket, under a lock that keeps each
-    # reply whole: the payload copy into the kernel then happens outside the event
-    # loop (and outside the GIL), on the thread that just read the data.  TLS
-    # connections send through the asyncio transport.
-
-    def _setup_direct(self) -> None:
-        self.tx: socket.socket | None = None
-        self.tx_lock = threading.Lock()
-        if self.tls_active:
-            return
-        sock = self.writer.get_extra_info("socket")
-        if sock is None:
-            return
-        tx = socket.socket(fileno=os.dup(sock.fileno()))
-        tx.settimeout(self.server.send_timeout)  # blocking sends with a deadline, poll() inside
-        self.tx = tx
+    def _worker(self, q: queue.SimpleQueue, inflight: threading.Semaphore) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            try:
+                self._tx_send(self._process(*item))
+            except _HardDisconnect:
+                pass
+            except Exception:
+                log.exception("request failed")
+            finally:
+                inflight.release()
 
     def _tx_send(self, parts) -> None:
-        """Send one whole reply from a worker thread (direct mode)."""
+        """Send one whole reply from a worker thread."""
         with self.tx_lock:
             if self.dead:
                 raise _HardDisconnect("client went away")
@@ -629,16 +738,10 @@ class _Connection:
                 for part in parts:
                     self.tx.sendall(part)
             except OSError as exc:  # reset, broken pipe, or the send deadline passed
-                self.dead = True
+                self._kill_sockets()
                 raise _HardDisconnect(f"client went away ({exc})") from None
 
-    async def _reply(self, parts) -> None:
-        if self.tx is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.server.executor, self._tx_send, parts)
-        else:
-            self._send(*parts)
-            await self._drain()
+    # -- replies ---------------------------------------------------------------------
 
     def _ok_parts(self, cookie: int) -> list:
         if self.structured:
@@ -646,76 +749,76 @@ class _Connection:
                                             P.NBD_REPLY_TYPE_NONE, cookie, 0)]
         return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie)]
 
-    async def _reply_ok(self, cmd: int, cookie: int) -> None:
-        await self._reply(self._ok_parts(cookie))
-
-    async def _reply_error(self, cmd: int, cookie: int, error: int, message: str) -> None:
+    def _error_parts(self, cookie: int, error: int, message: str) -> list:
         if self.structured:
             # "NBD_REPLY_TYPE_ERROR": error, message length, message
             msg = message.encode("utf-8", "replace")[: P.MAX_STRING]
             payload = P.ERROR_CHUNK.pack(error, len(msg)) + msg
-            parts = [P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
-                                             P.NBD_REPLY_TYPE_ERROR, cookie, len(payload)), payload]
-        else:
-            parts = [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, error, cookie)]
-        await self._reply(parts)
+            return [P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                            P.NBD_REPLY_TYPE_ERROR, cookie, len(payload)) + payload]
+        return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, error, cookie)]
 
-    # -- commands --------------------------------------------------------------------
+    # -- commands (run on a thread) -----------------------------------------------------
 
-    async def _request(self, flags: int, cmd: int, cookie: int, offset: int, length: int, payload) -> None:
+    def _process(self, flags: int, cmd: int, cookie: int, offset: int, length: int, payload) -> list:
+        """Validate and run one request; returns the reply as buffers to send in order."""
         export = self.export
         size = export.device.size
+        if payload is _TOO_BIG:
+            return self._error_parts(cookie, P.NBD_EINVAL,
+                                     f"write of {length} bytes exceeds the {self.payload_max}-byte maximum")
         if cmd not in P.VALID_CMD_FLAGS:
-            return await self._reply_error(cmd, cookie, P.NBD_EINVAL, f"unknown command {cmd}")
+            return self._error_parts(cookie, P.NBD_EINVAL, f"unknown command {cmd}")
         # "Command flags": unknown or inapplicable flags are NBD_EINVAL.
         if flags & ~P.VALID_CMD_FLAGS[cmd] or (flags & P.NBD_CMD_FLAG_DF and not self.structured):
-            return await self._reply_error(cmd, cookie, P.NBD_EINVAL, f"invalid flags {flags:#x} for {P.CMD_NAMES[cmd]}")
+            return self._error_parts(cookie, P.NBD_EINVAL, f"invalid flags {flags:#x} for {P.CMD_NAMES[cmd]}")
         if flags & P.NBD_CMD_FLAG_FAST_ZERO and not export.writable:
-            return await self._reply_error(cmd, cookie, P.NBD_EINVAL, "fast zero was not advertised")
-        writes = cmd in (P.NBD_CMD_WRITE, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES)
-        if writes and not export.writable:
-            return await self._reply_error(cmd, cookie, P.NBD_EPERM, "the export is read-only")
+            return self._error_parts(cookie, P.NBD_EINVAL, "fast zero was not advertised")
+        if cmd in (P.NBD_CMD_WRITE, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES) and not export.writable:
+            return self._error_parts(cookie, P.NBD_EPERM, "the export is read-only")
         if cmd != P.NBD_CMD_FLUSH and offset + length > size:
             # "Error values": ENOSPC for writes past the end, EINVAL otherwise.
             err = P.NBD_ENOSPC if cmd in (P.NBD_CMD_WRITE, P.NBD_CMD_WRITE_ZEROES) else P.NBD_EINVAL
-            return await self._reply_error(cmd, cookie, err,
-                                           f"request [{offset}, {offset + length}) is beyond the {size}-byte export")
+            return self._error_parts(cookie, err, f"request [{offset}, {offset + length}) is beyond the {size}-byte export")
+        run = self.handles.run
+        fua = bool(flags & P.NBD_CMD_FLAG_FUA)
         try:
             if cmd == P.NBD_CMD_READ:
-                return await self._cmd_read(flags, cookie, offset, length)
+                return self._do_read(flags, cookie, offset, length)
             if cmd == P.NBD_CMD_BLOCK_STATUS:
-                return await self._cmd_block_status(flags, cookie, offset, length)
-            fua = bool(flags & P.NBD_CMD_FLAG_FUA)
+                return self._do_block_status(flags, cookie, offset, length)
             if cmd == P.NBD_CMD_WRITE:
                 if length:
-                    await self._call(lambda d: d.pwrite(payload, offset, fua=fua))
+                    run(lambda d: d.pwrite(payload, offset, fua=fua))
             elif cmd == P.NBD_CMD_FLUSH:
-                await self._call(lambda d: d.flush())
+                run(lambda d: d.flush())
             elif cmd == P.NBD_CMD_TRIM:
                 if length:
-                    await self._call(lambda d: (d.trim(length, offset), fua and d.flush()))
+                    run(lambda d: (d.trim(length, offset), fua and d.flush()))
             elif cmd == P.NBD_CMD_WRITE_ZEROES:
                 may_trim = not flags & P.NBD_CMD_FLAG_NO_HOLE
                 fast = bool(flags & P.NBD_CMD_FLAG_FAST_ZERO)
                 if length:
-                    await self._call(lambda d: (d.zero(length, offset, may_trim=may_trim, fast=fast), fua and d.flush()))
+                    run(lambda d: (d.zero(length, offset, may_trim=may_trim, fast=fast), fua and d.flush()))
             elif cmd == P.NBD_CMD_CACHE:
                 pass  # advisory ("NBD_CMD_CACHE"); success without effect is allowed
-        except _HardDisconnect:
-            raise
         except NotFastError as exc:
             # "NBD_CMD_FLAG_FAST_ZERO": fail quickly with NBD_ENOTSUP.
-            return await self._reply_error(cmd, cookie, P.NBD_ENOTSUP, str(exc))
+            return self._error_parts(cookie, P.NBD_ENOTSUP, str(exc))
         except Exception as exc:
             err, msg = _error_of(exc)
             if err == P.NBD_ENOTSUP and not isinstance(exc, UnsupportedFeatureError):
                 err = P.NBD_EINVAL
-            return await self._reply_error(cmd, cookie, err, msg)
-        await self._reply_ok(cmd, cookie)
+            return self._error_parts(cookie, err, msg)
+        return self._ok_parts(cookie)
 
     @staticmethod
-    def _read_pieces(dev: BlockDevice, offset: int, length: int, use_extents: bool):
-        """Read a range; returns (buffer, [(offset, length, is_hole)]) covering it in order."""
+    def _read_pieces(dev: BlockDevice, offset: int, length: int, use_extents: bool, scratch=None):
+        """Read a range; returns (buffer, [(offset, length, is_hole)]) covering it in order.
+
+        ``scratch``: a thread-local holder whose buffer may be reused (thread mode, where
+        the reply is sent before the worker takes its next request).
+        """
         end = offset + length
         pieces: list[list] = []
         if use_extents and dev.can_extents:
@@ -736,7 +839,13 @@ class _Connection:
                 pieces.append([pos, end - pos, False])
         else:
             pieces.append([offset, length, False])
-        buf = bytearray(sum(p[1] for p in pieces if not p[2]))
+        need = sum(p[1] for p in pieces if not p[2])
+        if scratch is not None and need <= SCRATCH_MAX:
+            buf = getattr(scratch, "buf", None)
+            if buf is None or len(buf) < need:
+                buf = scratch.buf = bytearray(max(need, 256 * 1024))
+        else:
+            buf = bytearray(need)
         view = memoryview(buf)
         at = 0
         for start, n, hole in pieces:
@@ -745,38 +854,16 @@ class _Connection:
                 at += n
         return buf, pieces
 
-    async def _cmd_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+    def _do_read(self, flags: int, cookie: int, offset: int, length: int) -> list:
         if length > self.payload_max:
             err = P.NBD_EOVERFLOW if self.structured else P.NBD_EINVAL
-            return await self._reply_error(P.NBD_CMD_READ, cookie, err,
-                                           f"read of {length} bytes exceeds the {self.payload_max}-byte maximum")
+            return self._error_parts(cookie, err, f"read of {length} bytes exceeds the {self.payload_max}-byte maximum")
         use_extents = self.structured and not flags & P.NBD_CMD_FLAG_DF
-        direct = self.tx is not None
-
-        def job(dev: BlockDevice):
-            buf, pieces = self._read_pieces(dev, offset, length, use_extents)
-            parts = self._read_parts(cookie, length, buf, pieces)
-            if direct:
-                self._tx_send(parts)
-                return None
-            return parts
-
-        try:
-            parts = await self._call(job)
-        except _HardDisconnect:
-            raise
-        except Exception as exc:
-            err, msg = _error_of(exc)
-            return await self._reply_error(P.NBD_CMD_READ, cookie, err, msg)
-        if parts is not None:
-            self._send(*parts)
-            await self._drain()
-
-    def _read_parts(self, cookie: int, length: int, buf: bytearray, pieces) -> list:
-        """The reply to a successful READ, as buffers to send in order."""
+        scratch = self.scratch if threading.current_thread().name == "nbd-worker" else None
+        buf, pieces = self.handles.run(self._read_pieces, offset, length, use_extents, scratch)
         if not self.structured:
             # "Simple reply message"
-            return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), buf]
+            return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), memoryview(buf)[:length]]
         if length == 0:
             return self._ok_parts(cookie)
         # "NBD_REPLY_TYPE_OFFSET_DATA" / "NBD_REPLY_TYPE_OFFSET_HOLE"; all data is in hand,
@@ -815,26 +902,17 @@ class _Connection:
                 break
         return out
 
-    async def _cmd_block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+    def _do_block_status(self, flags: int, cookie: int, offset: int, length: int) -> list:
         # "NBD_CMD_BLOCK_STATUS" for "`base:allocation` metadata context"
-        cmd = P.NBD_CMD_BLOCK_STATUS
         if not self.block_status_ok:
-            return await self._reply_error(cmd, cookie, P.NBD_EINVAL, "no metadata context was selected")
+            return self._error_parts(cookie, P.NBD_EINVAL, "no metadata context was selected")
         if length == 0:
-            return await self._reply_error(cmd, cookie, P.NBD_EINVAL, "block status of an empty range")
+            return self._error_parts(cookie, P.NBD_EINVAL, "block status of an empty range")
         req_one = bool(flags & P.NBD_CMD_FLAG_REQ_ONE)
-        try:
-            descs = await self._call(self._extents, offset, length, req_one)
-        except _HardDisconnect:
-            raise
-        except Exception as exc:
-            err, msg = _error_of(exc)
-            return await self._reply_error(cmd, cookie, err, msg)
-        if not descs:  # a device must report at least one extent; be safe
-            descs = [(length, 0)]
+        descs = self.handles.run(self._extents, offset, length, req_one) or [(length, 0)]
         payload = P.U32.pack(META_CONTEXT_ID) + b"".join(struct.pack(">II", n, s) for n, s in descs)
-        await self._reply([P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
-                                                   P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)), payload])
+        return [P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                        P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)) + payload]
 
 
 # ---------------------------------------------------------------------------------
