@@ -265,6 +265,26 @@ def test_create_with_backing(tmp_path, compat):
     assert bytes.fromhex("e2792aca") in top.read_bytes()[:4096]
 
 
+def test_create_over_qcow2_chain_and_convert_sparse_random(tmp_path):
+    # A qemu-made compressed qcow2 base; our overlay takes its size and reads through it.
+    raw = make_source(tmp_path / "raw", 2 * MiB, [(4096, 300 * KiB)], seed=14)
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, base)
+    top = tmp_path / "top.qcow2"
+    cli("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 4K", top)
+    check_image(top)
+    want = bytearray(raw.read_bytes())
+    want[1 * MiB : 1 * MiB + 4096] = b"\x5a" * 4096
+    assert qemu_raw(top, tmp_path) == want
+    # A synthetic source given as a URL; the raw output of the same URL is the oracle.
+    url = "sparse-random://8M?seed=3&percent=20"
+    cli("convert", "-O", "qcow2", "-c", "-o", "cluster_size=4K", url, tmp_path / "sr.qcow2")
+    cli("convert", "-O", "raw", url, tmp_path / "sr.raw")
+    check_image(tmp_path / "sr.qcow2")
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", tmp_path / "sr.raw", tmp_path / "sr.qcow2")
+
+
 @pytest.mark.parametrize("compat,extended_l2,compress", [
     ("1.1", "off", "off"), ("0.10", "off", "off"), ("1.1", "on", "off"), ("1.1", "off", "on"), ("0.10", "off", "on"),
 ])
