@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from imageformats.block import FileDevice
 from imageformats.nbd.server import Export

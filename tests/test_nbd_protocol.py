@@ -352,3 +352,20 @@ def test_many_clients_at_once(served):
     for t in threads:
         t.join(60)
     assert not errors, errors[:3]
+
+
+def test_handshake_timeout_and_shutdown_with_live_clients(tmp_path, sparse_raw):
+    dev = FileDevice(sparse_raw)
+    srv = ServerThread([Export("d", dev)], str(tmp_path / "s"), handshake_timeout=0.5)
+    with srv:
+        slow = RawClient(srv.sock_path)
+        slow.recv(P.HANDSHAKE.size)  # ...and never answers
+        assert slow.closed_by_server()  # dropped after the handshake timeout
+        busy = client(srv)
+        busy.go("d")
+        busy.request(P.NBD_CMD_READ, 0, 4096, cookie=1)
+        assert busy.chunks()[-1][2] == 1
+        idle = client(srv)  # stuck in option haggling when the server stops
+    # leaving the block closed the server with both clients still connected
+    assert busy.closed_by_server() and idle.closed_by_server()
+    dev.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from peers import run, tool
+from peers import tool
 
 IMAGEFORMATS = [sys.executable, "-m", "imageformats"]
 
