@@ -37,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..block import BlockDevice, Extent, MiB, is_zero
+import numpy as np
+
+from ..block import BlockDevice, Extent, MiB
 from ..errors import (
     CorruptImageError,
     DeviceIOError,
@@ -93,6 +95,7 @@ class _Shared:
         self.lock = threading.Lock()
         self.cache: OrderedDict[int, tuple] = OrderedDict()
         self.cache_bytes = 0
+        self.costs: dict[int, int] = {}
         self.inflight: dict[int, threading.Event] = {}
         self.spilled: set[int] = set()
         self.zero_chunks: set[int] = set()
@@ -197,26 +200,48 @@ class ChunkedDevice(BlockDevice):
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice) -> tuple:
-        """Decode a chunk into memory; returns a tuple of PIECE-sized bytes or None (zero)."""
-        buf = bytearray(chunk.usize)
-        mv = memoryview(buf)
+    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice) -> tuple[tuple, int]:
+        """Decode a chunk into memory: (pieces, bytes charged to the cache).
+
+        Pieces are PIECE-sized views (None = all zero).  A mostly non-zero chunk
+        keeps its one decoded buffer; a chunk with many zero pieces keeps copies
+        of its non-zero pieces only.
+        """
+        buf = None
+        mv = None
         pos = 0
         for out in self._decode_chunk(chunk, backing):
             n = len(out)
             if pos + n > chunk.usize:
                 raise CorruptImageError(
                     f"{self.format_name} chunk {chunk.index} decodes to more than the {chunk.usize} bytes its index records")
-            mv[pos:pos + n] = out
+            if pos == 0 and n == chunk.usize:
+                buf = out  # one piece of output: no copy
+            else:
+                if mv is None:
+                    buf = bytearray(chunk.usize)
+                    mv = memoryview(buf)
+                mv[pos:pos + n] = out
             pos += n
         if pos != chunk.usize:
             raise CorruptImageError(
                 f"{self.format_name} chunk {chunk.index} decodes to {pos} bytes, its index records {chunk.usize}")
+        whole = memoryview(buf).toreadonly()
+        data_map = _piece_map(whole)
         pieces = []
-        for start in range(0, chunk.usize, PIECE):
-            piece = mv[start:start + PIECE]
-            pieces.append(None if piece == _ZERO_PIECE[:len(piece)] else bytes(piece))
-        return tuple(pieces)
+        zero = 0
+        for i, start in enumerate(range(0, chunk.usize, PIECE)):
+            piece = whole[start:start + PIECE]
+            if data_map[i]:
+                pieces.append(piece)
+            else:
+                pieces.append(None)
+                zero += len(piece)
+        if zero == 0 or zero * 4 < chunk.usize:
+            return tuple(pieces), (chunk.usize if zero < chunk.usize else 0)
+        # mostly zero: keep only the non-zero pieces (copies), let the buffer go
+        pieces = [None if p is None else bytes(p) for p in pieces]
+        return tuple(pieces), chunk.usize - zero
 
     def _spill_fd(self) -> int:
         shared = self._shared
@@ -247,10 +272,10 @@ class ChunkedDevice(BlockDevice):
                 if pos + len(mv) > end:
                     raise CorruptImageError(
                         f"{self.format_name} chunk {chunk.index} decodes to more than the {chunk.usize} bytes its index records")
-                for start in range(0, len(mv), PIECE):
-                    piece = mv[start:start + PIECE]
-                    if piece != _ZERO_PIECE[:len(piece)]:
-                        _pwrite_all(fd, piece, pos + start)
+                for i, is_data in enumerate(_piece_map(mv)):
+                    if is_data:
+                        piece = mv[i * PIECE:(i + 1) * PIECE]
+                        _pwrite_all(fd, piece, pos + i * PIECE)
                         written += len(piece)
                 pos += len(mv)
         except OSError as exc:
@@ -297,8 +322,7 @@ class ChunkedDevice(BlockDevice):
                         shared.spilled.add(index)
                         shared.stats["decoded"] += 1
                     return SPILLED
-                pieces = self._decode_to_pieces(chunk, backing)
-                cost = sum(len(p) for p in pieces if p is not None)
+                pieces, cost = self._decode_to_pieces(chunk, backing)
                 with shared.lock:
                     shared.stats["decoded"] += 1
                     if prefetch:
@@ -306,10 +330,11 @@ class ChunkedDevice(BlockDevice):
                     if cost == 0:
                         shared.zero_chunks.add(index)
                     shared.cache[index] = pieces
+                    shared.costs[index] = cost
                     shared.cache_bytes += cost
                     while shared.cache_bytes > shared.cache_size and len(shared.cache) > 1:
-                        _, old = shared.cache.popitem(last=False)
-                        shared.cache_bytes -= sum(len(p) for p in old if p is not None)
+                        old, _ = shared.cache.popitem(last=False)
+                        shared.cache_bytes -= shared.costs.pop(old)
                 return pieces
             finally:
                 with shared.lock:
@@ -428,6 +453,20 @@ class ChunkedDevice(BlockDevice):
 
     def big_chunks(self) -> int:
         return sum(1 for c in self._shared.chunks if c.usize > self._shared.max_chunk_memory)
+
+
+def _piece_map(buf) -> list[bool]:
+    """For each PIECE of ``buf``: does it hold a non-zero byte?  (numpy: ~20 GB/s, vs ~0.3 GB/s
+    for comparing memoryviews.)"""
+    mv = memoryview(buf).cast("B")
+    full = len(mv) // PIECE
+    out: list[bool] = []
+    if full:
+        arr = np.frombuffer(mv[:full * PIECE], dtype=np.uint64).reshape(full, PIECE // 8)
+        out = arr.any(axis=1).tolist()
+    if len(mv) > full * PIECE:
+        out.append(bool(np.frombuffer(mv[full * PIECE:], dtype=np.uint8).any()))
+    return out
 
 
 def _int_option(options: dict[str, Any], name: str, default: int) -> int:

@@ -26,11 +26,10 @@ import zstandard
 
 from ..block import BlockDevice, MiB
 from ..errors import CorruptImageError, DeviceIOError, UnsupportedFeatureError
-from ..xz.chunked import PIECE, Chunk, ChunkedDevice, _pwrite_all
+from ..xz.chunked import PIECE, Chunk, ChunkedDevice, _piece_map, _pwrite_all
 from . import header as h
 
 _OUTPUT_CHUNK = 4 * MiB
-_ZERO_PIECE = bytes(PIECE)
 
 
 def compress_bound(n: int) -> int:
@@ -155,10 +154,10 @@ class ZstdDevice(ChunkedDevice):
                 if not out:
                     break
                 mv = memoryview(out)
-                for start in range(0, len(mv), PIECE):
-                    piece = mv[start:start + PIECE]
-                    if piece != _ZERO_PIECE[:len(piece)]:
-                        _pwrite_all(fd, piece, pos + start)
+                for i, is_data in enumerate(_piece_map(mv)):
+                    if is_data:
+                        piece = mv[i * PIECE:(i + 1) * PIECE]
+                        _pwrite_all(fd, piece, pos + i * PIECE)
                         written += len(piece)
                 pos += len(mv)
             os.ftruncate(fd, pos)

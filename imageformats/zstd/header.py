@@ -120,13 +120,15 @@ def walk_frame(read, offset: int, end: int) -> tuple[int, int | None, bool]:
     while True:
         if pos + 3 > end:
             raise CorruptImageError(f"zstd frame at {offset} is truncated (block header at {pos})")
-        blk = BlockHeader.parse(read(3, pos))
-        if blk.type == BLOCK_RESERVED:
+        # BlockHeader, unpacked by hand: this loop runs once per 128 KiB block
+        word = int.from_bytes(read(3, pos), "little")
+        last, btype, bsize = word & 1, (word >> 1) & 3, word >> 3
+        if btype == BLOCK_RESERVED:
             raise CorruptImageError(f"zstd block at {pos} has the reserved block type")
-        if blk.size > BLOCK_MAX:
+        if bsize > BLOCK_MAX:
             raise CorruptImageError(f"zstd block at {pos} is larger than 128 KiB")
-        pos += 3 + (1 if blk.type == BLOCK_RLE else blk.size)
-        if blk.last:
+        pos += 3 + (1 if btype == BLOCK_RLE else bsize)
+        if last:
             break
     pos += 4 if checksum else 0
     if pos > end:
