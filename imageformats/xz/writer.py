@@ -31,6 +31,9 @@ def _parse_options(options: dict[str, Any]) -> dict[str, Any]:
     from ..cli.common import parse_size
 
     opts = dict(options)
+    # `convert -c` passes compress=on: this output is always compressed
+    if str(opts.pop("compress", "on")).lower() not in ("on", "1", "true", "yes"):
+        raise InvalidArgumentError("xz output is always compressed (compress=off makes no sense)")
     out: dict[str, Any] = {}
     bs = opts.pop("block_size", DEFAULT_BLOCK_SIZE)
     out["block_size"] = parse_size(bs) if isinstance(bs, str) else int(bs)

@@ -31,6 +31,9 @@ def _parse_options(options: dict[str, Any]) -> dict[str, Any]:
     from ..cli.common import parse_size
 
     opts = dict(options)
+    # `convert -c` passes compress=on: this output is always compressed
+    if str(opts.pop("compress", "on")).lower() not in ("on", "1", "true", "yes"):
+        raise InvalidArgumentError("zstd output is always compressed (compress=off makes no sense)")
     fs = opts.pop("frame_size", DEFAULT_FRAME_SIZE)
     frame_size = parse_size(fs) if isinstance(fs, str) else int(fs)
     if not 4096 <= frame_size <= 1024 * MiB:
