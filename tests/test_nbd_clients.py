@@ -213,3 +213,32 @@ def test_sparse_random_through_nbdcopy(tmp_path):
             mask[s : s + n] = b"\x01" * n
         zero_parts = [blob[i : i + 4096] for i in range(0, len(blob), 4096) if not any(mask[i : i + 4096])]
         assert all(p == bytes(len(p)) for p in zero_parts)
+
+
+def test_luks_and_xz_stacks_served(tmp_path):
+    """LUKS1 made by qemu-img and a multi-block xz made by xz, served; the real tools are the oracle."""
+    raw = tmp_path / "g.raw"
+    subprocess.run(["truncate", "-s", "4M", str(raw)], check=True)
+    with open(raw, "r+b") as f:
+        f.seek(512 << 10)
+        f.write(os.urandom(700_000))
+    secret = tmp_path / "pw"
+    secret.write_text("correct horse")  # no newline: qemu takes the file's bytes as they are
+    luks = tmp_path / "g.luks"
+    run("qemu-img", "convert", "-f", "raw", "-O", "luks", "--object", f"secret,id=s0,file={secret},format=raw",
+        "-o", "key-secret=s0,iter-time=10", raw, luks)
+    xz = tmp_path / "g.raw.xz"
+    xz.write_bytes(run("xz", "-T2", "--block-size=1MiB", "-c", raw).stdout)
+    with serve_cli(luks, xz, "--socket", tmp_path / "s", "--passphrase-file", secret) as (_, uri):
+        base = uri.split("?")[0].rsplit("/", 1)[0]
+        query = "?" + uri.split("?")[1]
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", raw, f"{base}/g.luks{query}")
+        out = tmp_path / "x.raw"
+        run("nbdcopy", f"{base}/g.raw.xz{query}", out)
+        assert out.read_bytes() == raw.read_bytes()
+    # and through the nbdkit plugin, the passphrase again from a file
+    plugin = subprocess.run([*IMAGEFORMATS, "nbdkit-plugin"], capture_output=True, text=True, check=True).stdout.strip()
+    out2 = tmp_path / "l.raw"
+    run("nbdkit", "-U", tmp_path / "k", "python", plugin, f"file={luks}", f"passphrase-file={secret}",
+        "--run", f'nbdcopy "$uri" {out2}')
+    assert out2.read_bytes() == raw.read_bytes()
