@@ -389,6 +389,24 @@ def test_cli_errors(tmp_path):
     assert proc.returncode == 11 and b"no-such-dir" in proc.stderr
 
 
+def test_own_backing_file_refused(tmp_path):
+    W.create_qcow2(str(tmp_path / "a.qcow2"), 1 * MiB, {})
+    before = (tmp_path / "a.qcow2").read_bytes()
+    with pytest.raises(InvalidArgumentError, match="own backing file"):
+        W.create_qcow2(str(tmp_path / "a.qcow2"), None, {"backing_file": "./a.qcow2"})
+    assert (tmp_path / "a.qcow2").read_bytes() == before
+
+
+def test_destination_is_source_refused(tmp_path):
+    src = make_source(tmp_path / "src.raw", 1 * MiB, [(0, 4096)], seed=15)
+    before = src.read_bytes()
+    proc = cli("convert", "-O", "qcow2", src, src, check=False)
+    assert proc.returncode == 2 and b"source" in proc.stderr
+    with FileDevice(src) as dev, pytest.raises(InvalidArgumentError, match="destination is the source"):
+        W.write_qcow2(dev, str(src), {})
+    assert src.read_bytes() == before
+
+
 def test_too_large_for_cluster_size(tmp_path):
     with pytest.raises(InvalidArgumentError, match="cluster_size"):
         W.create_qcow2(str(tmp_path / "x.qcow2"), 1 << 50, {"cluster_size": "512"})

@@ -35,7 +35,7 @@ from . import header as H
 #: Bytes of guest data read per work item (rounded up to whole clusters).
 WINDOW = 4 * MiB
 #: Threads compressing clusters (the machine has 2 cores; zlib and zstd release the GIL).
-COMPRESS_WORKERS = max(2, os.cpu_count() or 2)
+COMPRESS_WORKERS = 2 * max(2, os.cpu_count() or 2)
 #: Threads reading ahead of the writer when not compressing.
 READ_WORKERS = 2
 #: pwritev accepts at most IOV_MAX buffers per call.
@@ -269,6 +269,9 @@ class Qcow2Writer:
                 f"more than qemu's {H.MAX_L1_BYTES}-byte limit: use a larger cluster_size")
         self.coffset_mask, self.csize_shift, self.csize_mask = H.compressed_layout(self.cbits)
         self.base_dir = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(self.path))
+        if options.backing_file and "://" not in options.backing_file and os.path.realpath(
+                os.path.join(self.base_dir, options.backing_file)) == os.path.realpath(self.path):
+            raise InvalidArgumentError(f"{self.path}: an image cannot be its own backing file")
         self._backing_dev: BlockDevice | None = None
         self._backing_opened = False
         self.l1 = np.zeros(self.l1_size, dtype=np.uint64)
@@ -853,6 +856,23 @@ def _os_error(exc: OSError, what: str) -> ImageFormatError:
     return DeviceIOError(f"{what}: {exc.strerror or exc}")
 
 
+def _refuse_overwriting_source(src: BlockDevice, dst_path: str) -> None:
+    """The new file is truncated first: it must not be a file the source reads from."""
+    try:
+        dst = os.stat(dst_path)
+    except OSError:
+        return
+    for layer in src.layers():
+        path = getattr(layer, "path", None)
+        if isinstance(path, str):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (dst.st_dev, dst.st_ino):
+                raise InvalidArgumentError(f"{dst_path}: the destination is the source image ({path})")
+
+
 def open_backing(name: str, fmt: str | None, base_dir: str) -> BlockDevice:
     """Open a backing image named in a header: relative names are relative to the new image's directory."""
     from .. import detect
@@ -868,6 +888,7 @@ def open_backing(name: str, fmt: str | None, base_dir: str) -> BlockDevice:
 def write_qcow2(src: BlockDevice, dst_path: str, options: dict[str, Any] | None = None, progress=None) -> None:
     """``convert -O qcow2``: write ``src``'s guest view to a new qcow2 file at ``dst_path``."""
     opts = parse_options(options)
+    _refuse_overwriting_source(src, dst_path)
     writer = Qcow2Writer(dst_path, src.size, opts)
     try:
         writer.write_from(src, progress)
@@ -887,6 +908,9 @@ def create_qcow2(path: str, size: int | None, options: dict[str, Any] | None = N
     if opts.compress:
         raise InvalidArgumentError("create takes no compress option")
     base_dir = os.path.dirname(os.path.abspath(path))
+    if opts.backing_file and "://" not in opts.backing_file and os.path.realpath(
+            os.path.join(base_dir, opts.backing_file)) == os.path.realpath(path):
+        raise InvalidArgumentError(f"{path}: an image cannot be its own backing file")
     if opts.backing_file and (check_backing or size is None):
         with open_backing(opts.backing_file, opts.backing_fmt, base_dir) as dev:
             if size is None:
