@@ -44,4 +44,8 @@ for fmt in $(python3 -c 'import imageformats; print(" ".join(sorted(imageformats
     *) roundtrip "$fmt" ;;
   esac
 done
+echo "== serve over NBD (captive server for nbdcopy; --run for qemu-img)"
+nbdcopy -- [ imageformats serve "$sample" ] "$work/nbd.raw"
+cmp "$sample" "$work/nbd.raw"
+SAMPLE="$sample" imageformats serve "$sample" --run 'nbdinfo --map "$uri" | head -n 4 && qemu-img compare -f raw -F raw "$SAMPLE" "$uri"'
 echo "demo finished: every round trip was byte-identical"
