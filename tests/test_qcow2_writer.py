@@ -299,6 +299,7 @@ def test_convert_over_backing_keeps_zeroes(tmp_path, compat, extended_l2, compre
             compress=compress)
     check_image(dst)
     run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, dst)
+    assert run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", base, dst, check=False).returncode == 1
     assert qemu_raw(dst, tmp_path) == src.read_bytes()
     with imageformats.open(str(dst)) as dev:
         assert dev.pread(size, 0) == src.read_bytes()

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..block import BlockDevice, Extent, MiB
+from ..block import BlockDevice, MiB
 from ..errors import ImageFormatError, InvalidArgumentError, NoSpaceError, UnsupportedFeatureError
 from . import header as H
 
@@ -287,7 +287,7 @@ class Qcow2Writer:
         self._zero_cluster = bytes(cs)
         self._zero_blob: bytes | None = None
         self._compress = _compressor(options.compression_type) if options.compress else None
-        self._header_bytes = self._build_header_area(0, 0, 0, 0)  # validates the header fits, early
+        self._build_header_area(0, 0, 0)  # fails early when the header and backing name do not fit
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -498,7 +498,6 @@ class Qcow2Writer:
 
     def _emit(self, win: _Window, force: np.ndarray | None = None) -> None:
         """Store a window's data clusters and set their L2 entries (main thread, in guest order)."""
-        cs = self.cs
         n = win.count
         data = win.data
         store = data if force is None else (data | force)
@@ -697,7 +696,7 @@ class Qcow2Writer:
 
     # -- metadata at the end -------------------------------------------------------------
 
-    def _build_header_area(self, l1_offset: int, rt_offset: int, rt_clusters: int, _unused: int) -> bytes:
+    def _build_header_area(self, l1_offset: int, rt_offset: int, rt_clusters: int) -> bytes:
         """Cluster 0: "Header", "Header extensions", then the backing file name."""
         o = self.opts
         backing = o.backing_file.encode() if o.backing_file else b""
@@ -794,7 +793,7 @@ class Qcow2Writer:
                 os.ftruncate(self.fd, self.pos)
             except OSError as exc:
                 raise _os_error(exc, self.path) from None
-            area = self._build_header_area(l1_offset, rt_offset, tclusters, 0)
+            area = self._build_header_area(l1_offset, rt_offset, tclusters)
             self._pwrite_all(area, 0)
             try:
                 os.fsync(self.fd)
