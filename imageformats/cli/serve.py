@@ -43,7 +43,8 @@ def register(sub) -> None:
     p.add_argument("--max-payload", type=parse_size, default=DEFAULT_MAX_PAYLOAD, metavar="SIZE",
                    help="largest READ/WRITE request (default 32M)")
     p.add_argument("--max-inflight", type=int, default=16, metavar="N", help="requests in flight per connection")
-    p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O threads")
+    p.add_argument("--workers", type=int, default=4, metavar="N", help="worker threads per connection")
+    p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O threads shared by TLS connections")
     p.add_argument("--tls", choices=["off", "on", "require"], default="off",
                    help="TLS mode (needs --tls-certificates or --tls-psk)")
     p.add_argument("--tls-certificates", metavar="DIR", help="directory with server-cert.pem, server-key.pem (ca-cert.pem)")
@@ -123,7 +124,7 @@ def run(args) -> int:
 
 async def _serve(args, exports: list[Export], tls) -> int:
     server = NBDServer(exports, max_payload=args.max_payload, max_inflight=args.max_inflight,
-                       threads=args.threads, tls=tls, tls_required=args.tls == "require")
+                       workers=args.workers, threads=args.threads, tls=tls, tls_required=args.tls == "require")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

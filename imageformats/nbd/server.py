@@ -2,10 +2,12 @@
 
 Implements the fixed newstyle handshake and the transmission phase of the NBD
 protocol (NetworkBlockDevice/nbd ``doc/proto.md``; section names are cited in
-comments).  Device I/O is blocking, so every request runs in a thread pool;
-each connection works on its own ``device.clone()`` handles where the device
-can be cloned, with a bounded number of requests in flight and a bounded
-request size.  Not implemented: the oldstyle handshake, extended headers
+comments).  The handshake runs on an asyncio event loop; device I/O is
+blocking, so the transmission phase of a plain connection runs on threads (a
+reader and a few workers per connection, each worker on its own
+``device.clone()`` where the device can be cloned), and TLS connections run
+their requests in a shared thread pool.  Requests in flight and request sizes
+are bounded.  Not implemented: the oldstyle handshake, extended headers
 (NBD_OPT_EXTENDED_HEADERS is answered NBD_REP_ERR_UNSUP), NBD_CMD_RESIZE.
 
     server = NBDServer([Export("disk", device)])
