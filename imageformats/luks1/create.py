@@ -342,9 +342,7 @@ def change_key(header_dev: BlockDevice, new_secret: bytes, *, passphrase=None, k
 
 
 def header_area_size(hdr: LuksHeader) -> int:
-    """Bytes a header backup holds: everything before the payload (or the key-slot areas, detached)."""
-    if hdr.payload_offset:
-        return hdr.payload_offset * SECTOR_SIZE
+    """Bytes a header backup holds: the header and key-slot areas, rounded up to 4 KiB (as cryptsetup)."""
     return -(-hdr.keyslots_end() // KEYSLOT_ALIGN) * KEYSLOT_ALIGN
 
 

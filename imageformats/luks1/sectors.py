@@ -29,9 +29,9 @@ _BLOCKS_PER_SECTOR = SECTOR_SIZE // _BLOCK
 _WORDS_PER_SECTOR = SECTOR_SIZE // 8
 
 #: Sectors processed per numpy/OpenSSL batch (256 KiB: the scratch buffers stay in L2 cache).
-CHUNK_SECTORS = 512
+CHUNK_SECTORS = 1024
 #: Requests at least this many sectors are split over two threads (numpy releases the GIL).
-PARALLEL_SECTORS = 4 * CHUNK_SECTORS
+PARALLEL_SECTORS = CHUNK_SECTORS
 
 #: Block ciphers with a 128-bit block that OpenSSL (through `cryptography`) provides.
 _ALGORITHMS = {
