@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import imageformats
 from imageformats.block import FileDevice, MemoryDevice
-from imageformats.errors import CorruptImageError, ImageFormatError, OutOfRangeError, ReadOnlyError
+from imageformats.errors import (CorruptImageError, ImageFormatError, OutOfRangeError, ReadOnlyError,
+                                 UnsupportedFeatureError)
 from imageformats.testing.evil import EvilDevice
 from imageformats.xz import XzDevice
 from imageformats.xz import header as h
@@ -337,3 +338,28 @@ def test_cli_info_and_cat(tmp_path, source):
     raw = tmp_path / "out.raw"
     run("imageformats", "convert", "-O", "raw", path, raw)
     assert raw.read_bytes() == oracle
+
+
+def test_hostile_index_sizes_are_not_allocated(tmp_path, source):
+    """An Index claiming a 1 TiB Block: nothing that size is allocated; the read fails cleanly."""
+    path, _ = xz_file(tmp_path, source, "-0")  # one Block, no sizes in its header
+    data = path.read_bytes()
+    backward, check = h.parse_stream_footer(data[-12:])
+    records = h.parse_index(data[-12 - backward:-12], max_records=10)
+    records[0] = (records[0][0], 1 << 40)
+    index = h.build_index(records)
+    bad = tmp_path / "huge.xz"
+    bad.write_bytes(data[:len(data) - 12 - backward] + index + h.build_stream_footer(check, len(index)))
+    with XzDevice(FileDevice(bad), tmpdir=str(tmp_path)) as dev:
+        assert dev.size == 1 << 40
+        with pytest.raises(ImageFormatError):
+            dev.pread(4096, 0)
+
+
+def test_memlimit(tmp_path, source):
+    path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=1MiB", "-6")  # 8 MiB dictionary
+    with XzDevice(FileDevice(path), memlimit=1 << 20) as dev:
+        with pytest.raises(UnsupportedFeatureError, match="memlimit"):
+            dev.pread(10, 0)
+    with XzDevice(FileDevice(path), memlimit=64 << 20) as dev:
+        assert dev.pread(4096, 0) == oracle[:4096]
