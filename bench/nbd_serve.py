@@ -102,9 +102,14 @@ def main() -> int:
             with open(secret, "w") as f:
                 f.write("bench-passphrase")
             luks = os.path.join(work, "disk.luks")
-            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "luks", "--object",
-                            f"secret,id=sec0,file={secret}", "-o", "key-secret=sec0,iter-time=100",
-                            raw, luks], check=True)
+            for attempt in range(5):  # qemu's PBKDF2 benchmark can fail on a loaded machine
+                proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "luks", "--object",
+                                       f"secret,id=sec0,file={secret}", "-o", "key-secret=sec0,iter-time=100",
+                                       raw, luks])
+                if proc.returncode == 0:
+                    break
+            else:
+                raise SystemExit("qemu-img could not create the LUKS image")
             ours = timed_copy([*IMAGEFORMATS, "serve", "--passphrase-file", secret, luks], args.repeat)
             theirs = timed_copy(["nbdkit", "file", luks, "--filter=luks", f"passphrase=+{secret}"], args.repeat)
             report("luks", small, ours, theirs, "nbdkit --filter=luks")
