@@ -42,6 +42,18 @@ class Nginx:
     access_log: Path
     cafile: Path
 
+    def statuses_for_prefix(self, prefix: str) -> list[int]:
+        """HTTP statuses of the logged requests whose path starts with ``prefix`` (combined log format)."""
+        out = []
+        for line in self.access_log.read_text().splitlines():
+            request = line.split('"')[1] if line.count('"') >= 2 else ""
+            if " " in request and request.split(" ")[1].startswith(prefix):
+                out.append(int(line.split('"')[2].split()[0]))
+        return out
+
+    def requests_for_prefix(self, prefix: str) -> int:
+        return len(self.statuses_for_prefix(prefix))
+
     def requests_for(self, path: str) -> int:
         return sum(1 for line in self.access_log.read_text().splitlines() if f" {path} HTTP" in line)
 
@@ -62,6 +74,8 @@ http {{
     scgi_temp_path {d}/t_scgi;
     default_type application/octet-stream;
     keepalive_requests 5;
+    # about a third of the requests under /sometimes/ fail with 503 (transient errors)
+    split_clients "${{request_id}}" $flaky {{ 33% fail; * ok; }}
     server {{
         listen 127.0.0.1:{port};
         listen 127.0.0.1:{sport} ssl;
@@ -71,6 +85,10 @@ http {{
         location /norange/ {{ max_ranges 0; }}
         location = /flaky {{ return 503; }}
         location /moved/ {{ rewrite ^/moved/(.*)$ /$1 redirect; }}
+        location /sometimes/ {{
+            alias {d}/www/;
+            if ($flaky = fail) {{ return 503; }}
+        }}
     }}
 }}
 """
@@ -224,3 +242,17 @@ def test_convert_and_serve_remote_images(nginx, blob, tmp_path):
     proc = subprocess.run([*IMAGEFORMATS, "serve", f"{nginx.url}/guest.qcow2",
                            "--run", f'qemu-img compare -f qcow2 -F raw {qcow} "$uri"'], capture_output=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_transient_errors_are_retried(nginx, blob):
+    """A third of the requests fail with 503: reads still return the right bytes."""
+    before = nginx.requests_for_prefix("/sometimes/")
+    with HttpDevice(f"{nginx.url}/sometimes/blob.raw", retries=12, backoff=0.001, cache_blocks=0) as dev:
+        rnd = random.Random(7)
+        for _ in range(40):
+            n = rnd.randrange(1, 100_000)
+            off = rnd.randrange(0, len(blob) - n)
+            assert dev.pread(n, off) == blob[off : off + n]
+    time.sleep(0.2)
+    statuses = nginx.statuses_for_prefix("/sometimes/")[before:]
+    assert statuses.count(503) >= 1 and statuses.count(206) == 40
