@@ -32,10 +32,17 @@ from ..block import BlockDevice, MiB
 from ..errors import ImageFormatError, InvalidArgumentError, NoSpaceError, UnsupportedFeatureError
 from . import header as H
 
-#: Bytes of guest data read per work item (rounded up to whole clusters).
+#: Bytes of guest data read per work item (rounded up to whole clusters): large batched
+#: reads and writes when copying; smaller when compressing, so that one slow window (its
+#: thread descheduled on a busy machine) holds up the in-order writer less.
 WINDOW = 4 * MiB
-#: Threads compressing clusters (the machine has 2 cores; zlib and zstd release the GIL).
-COMPRESS_WORKERS = 2 * max(2, os.cpu_count() or 2)
+COMPRESS_WINDOW = 1 * MiB
+#: Work items in flight per worker thread (memory: about workers * this * window).
+LOOKAHEAD = 4
+#: Threads compressing clusters: zlib and zstd release the GIL, so they use every core.  More
+#: threads than cores (qemu-img uses a pool of a dozen) keep the cores busy while a thread
+#: waits for the GIL or the writer, and hold our share of a busy machine.
+COMPRESS_WORKERS = 4 * (os.cpu_count() or 2)
 #: Threads reading ahead of the writer when not compressing.
 READ_WORKERS = 2
 #: pwritev accepts at most IOV_MAX buffers per call.
@@ -427,7 +434,7 @@ class Qcow2Writer:
     # -- reading and examining the source --------------------------------------------
 
     def _window_clusters(self) -> int:
-        return max(1, WINDOW // self.cs)
+        return max(1, (COMPRESS_WINDOW if self._compress is not None else WINDOW) // self.cs)
 
     def _segments(self, src: BlockDevice) -> Iterator[tuple[int, int, bool]]:
         """(first, count, has_data) runs of guest clusters covering the disk, ascending."""
@@ -663,7 +670,7 @@ class Qcow2Writer:
                 with lock:
                     free.append(h)
 
-        in_flight = 2 * len(handles)
+        in_flight = LOOKAHEAD * len(handles)  # windows read or being compressed ahead of the writer
         try:
             with ThreadPoolExecutor(max_workers=len(handles)) as pool:
                 queue: deque = deque()
