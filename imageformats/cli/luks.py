@@ -124,7 +124,7 @@ def register(sub) -> None:
     p = sub.add_parser("luks", help="LUKS1 volumes: format, dump, key management (cryptsetup-like)")
     acts = p.add_subparsers(dest="luks_action", metavar="ACTION", required=True)
 
-    f = acts.add_parser("format", help="create a LUKS1 volume (luksFormat)")
+    f = acts.add_parser("format", allow_abbrev=False, help="create a LUKS1 volume (luksFormat)")
     f.add_argument("device", help="the file (created when --size is given) or block device")
     f.add_argument("--size", help="create FILE with this payload size (4096, 512M, 10G)")
     f.add_argument("--cipher", "-c", default="aes-xts-plain64",
@@ -143,7 +143,7 @@ def register(sub) -> None:
     f.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     f.set_defaults(func=run_format)
 
-    d = acts.add_parser("dump", help="show the header (luksDump)")
+    d = acts.add_parser("dump", allow_abbrev=False, help="show the header (luksDump)")
     d.add_argument("device")
     d.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     d.add_argument("--dump-volume-key", "--dump-master-key", action="store_true",
@@ -152,7 +152,7 @@ def register(sub) -> None:
     add_unlock_arguments(d, "unlock with key slot N only")
     d.set_defaults(func=run_dump)
 
-    a = acts.add_parser("add-key", help="add a passphrase or key file to a free slot (luksAddKey)")
+    a = acts.add_parser("add-key", allow_abbrev=False, help="add a passphrase or key file to a free slot (luksAddKey)")
     a.add_argument("device")
     a.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     add_unlock_arguments(a, "put the new key in slot N (default: the first free slot)")
@@ -160,14 +160,14 @@ def register(sub) -> None:
     _pbkdf_arguments(a)
     a.set_defaults(func=run_add_key)
 
-    r = acts.add_parser("remove-key", help="remove the key slot the given secret opens (luksRemoveKey)")
+    r = acts.add_parser("remove-key", allow_abbrev=False, help="remove the key slot the given secret opens (luksRemoveKey)")
     r.add_argument("device")
     r.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     r.add_argument("--force", action="store_true", help="allow removing the last active key slot")
     add_unlock_arguments(r, "look in key slot N only")
     r.set_defaults(func=run_remove_key)
 
-    k = acts.add_parser("kill-slot", help="wipe key slot N (luksKillSlot)")
+    k = acts.add_parser("kill-slot", allow_abbrev=False, help="wipe key slot N (luksKillSlot)")
     k.add_argument("device")
     k.add_argument("slot", type=int)
     k.add_argument("--header", default=None, metavar="HDR", help="detached header file")
@@ -176,7 +176,7 @@ def register(sub) -> None:
     add_unlock_arguments(k, None)
     k.set_defaults(func=run_kill_slot)
 
-    c = acts.add_parser("change-key", help="replace a passphrase or key file (luksChangeKey)")
+    c = acts.add_parser("change-key", allow_abbrev=False, help="replace a passphrase or key file (luksChangeKey)")
     c.add_argument("device")
     c.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     add_unlock_arguments(c, "change the key of slot N only")
@@ -184,19 +184,19 @@ def register(sub) -> None:
     _pbkdf_arguments(c)
     c.set_defaults(func=run_change_key)
 
-    b = acts.add_parser("header-backup", help="save the header and key slots to a file (luksHeaderBackup)")
+    b = acts.add_parser("header-backup", allow_abbrev=False, help="save the header and key slots to a file (luksHeaderBackup)")
     b.add_argument("device")
     b.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     b.add_argument("--header-backup-file", required=True, metavar="FILE", help="the backup file (must not exist)")
     b.set_defaults(func=run_header_backup)
 
-    h = acts.add_parser("header-restore", help="write a header backup back (luksHeaderRestore)")
+    h = acts.add_parser("header-restore", allow_abbrev=False, help="write a header backup back (luksHeaderRestore)")
     h.add_argument("device")
     h.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     h.add_argument("--header-backup-file", required=True, metavar="FILE", help="the backup file")
     h.set_defaults(func=run_header_restore)
 
-    u = acts.add_parser("uuid", help="print the UUID, or set it with --uuid (luksUUID)")
+    u = acts.add_parser("uuid", allow_abbrev=False, help="print the UUID, or set it with --uuid (luksUUID)")
     u.add_argument("device")
     u.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     u.add_argument("--uuid", default=None, help="set this UUID")

@@ -412,6 +412,9 @@ def write_luks(src: BlockDevice, dst_path: str, options: dict[str, Any], progres
     multiple of 512 is padded with zeroes to the next sector.
     """
     unknown = set(options) - _OUTPUT_OPTIONS
+    for name in ("new_passphrase", "new_key_file"):
+        if isinstance(options.get(name), str):  # came from -o on the command line: never accept a secret there
+            unknown.add(name)
     if unknown:
         raise InvalidArgumentError(
             f"unknown luks output option(s) {', '.join(sorted(unknown))} "
