@@ -173,3 +173,17 @@ def test_seed_scenario_gpt_ext2_boot(tmp_path):
     with imageformats.open(str(gz)) as dev:
         off = part_start + first * 1024
         assert dev.pread(len(new_cfg), off) == new_cfg
+
+
+def test_nbd_client_edits_boot_of_gzipped_disk(tmp_path):
+    """`imageformats serve -w disk.gz` + qemu-io as the NBD client writing into the stored range."""
+    data = sample(2 << 20, 60)
+    path = make(tmp_path, data, [(1 << 20, (1 << 20) + 256 * 1024)])
+    cmd = ('qemu-io -f raw -c "write -P 0x41 1052672 8192" -c "read -P 0x41 1052672 8192" "$uri" && '
+           '! qemu-io -f raw -c "write -P 0x42 4096 4096" "$uri"')
+    r = subprocess.run(["imageformats", "serve", "-w", str(path), "--run", cmd], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run("gzip", "-t", path)
+    model = data[:1052672] + b"A" * 8192 + data[1052672 + 8192:]
+    assert run("zcat", path).stdout == model

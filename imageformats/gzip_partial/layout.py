@@ -143,7 +143,9 @@ class GzipLayout:
         return None
 
     def member_at(self, u: int) -> int:
-        starts = [m.ustart for m in self.members]
+        starts = self.__dict__.get("_member_starts")
+        if starts is None or len(starts) != len(self.members):
+            starts = self._member_starts = [m.ustart for m in self.members]
         i = bisect.bisect_right(starts, u) - 1
         while i > 0 and self.members[i].usize == 0:
             i -= 1
@@ -421,10 +423,9 @@ def walk(dev, *, verify_crc: bool = True, progress=None) -> GzipLayout:
 
 
 def encode_map(usize: int, trailer_offset: int, runs: list[tuple[int, int, int, int]]) -> bytes:
-    out = [H.MapHeader.build(dict(version=H.MAP_VERSION, flags=0, count=len(runs), usize=usize,
-                                  trailer_offset=trailer_offset))]
+    out = [H.MapHeader.pack(H.MAP_VERSION, 0, len(runs), usize, trailer_offset)]
     for ustart, ulen, fstart, blocklen in runs:
-        out.append(H.MapRun.build(dict(ustart=ustart, ulen=ulen, fstart=fstart, blocklen=blocklen)))
+        out.append(H.MapRun.pack(ustart, ulen, fstart, blocklen))
     return b"".join(out)
 
 
@@ -442,37 +443,37 @@ def read_map(dev) -> GzipLayout | None:
     payload = mh.extra.get(H.MAP_SI)
     if payload is None or len(payload) < H.MAP_HEADER_SIZE:
         return None
-    hdr = H.MapHeader.parse(payload)
-    if hdr.version != H.MAP_VERSION or len(payload) != map_payload_size(hdr.count):
+    version, _flags, count, usize, trailer_offset = H.MapHeader.unpack_from(payload)
+    if version != H.MAP_VERSION or len(payload) != map_payload_size(count):
         return None
     # Single member ending exactly at the end of the file (nothing appended since).
-    if hdr.trailer_offset + H.TRAILER_SIZE != size or hdr.trailer_offset < mh.data_offset:
+    if trailer_offset + H.TRAILER_SIZE != size or trailer_offset < mh.data_offset:
         return None
-    crc, isize = struct.unpack("<II", dev.pread(8, hdr.trailer_offset))
-    if isize != hdr.usize & 0xFFFFFFFF:
+    crc, isize = H.Trailer.unpack(dev.pread(8, trailer_offset))
+    if isize != usize & 0xFFFFFFFF:
         return None
     runs: list[StoredRun] = []
     prev_end = 0
-    for i in range(hdr.count):
-        r = H.MapRun.parse(payload[H.MAP_HEADER_SIZE + i * H.MAP_RUN_SIZE:])
-        if (r.ulen <= 0 or r.blocklen <= 0 or r.blocklen > H.STORED_MAX or r.ustart < prev_end
-                or r.ustart + r.ulen > hdr.usize or r.fstart < mh.data_offset):
+    for i in range(count):
+        ustart, ulen, fstart, blocklen = H.MapRun.unpack_from(payload, H.MAP_HEADER_SIZE + i * H.MAP_RUN_SIZE)
+        if (ulen <= 0 or blocklen <= 0 or blocklen > H.STORED_MAX or ustart < prev_end
+                or ustart + ulen > usize or fstart < mh.data_offset):
             return None
-        run = StoredRun(0, r.ustart, r.ulen, fstart=r.fstart, blocklen=r.blocklen)
-        if run.end_foffset > hdr.trailer_offset:
+        run = StoredRun(0, ustart, ulen, fstart=fstart, blocklen=blocklen)
+        if run.end_foffset > trailer_offset:
             return None
         # The headers of the first and last blocks must be where the map says.
-        nblocks = -(-r.ulen // r.blocklen)
+        nblocks = -(-ulen // blocklen)
         for b in {0, nblocks - 1}:
-            hoff = r.fstart + b * (r.blocklen + H.STORED_HEADER)
-            blen = min(r.blocklen, r.ulen - b * r.blocklen)
+            hoff = fstart + b * (blocklen + H.STORED_HEADER)
+            blen = min(blocklen, ulen - b * blocklen)
             try:
                 H.check_stored_header(dev.pread(H.STORED_HEADER, hoff), blen)
             except CorruptImageError:
                 return None
         runs.append(run)
-        prev_end = r.ustart + r.ulen
-    member = Member(0, mh.data_offset, 0, hdr.usize, hdr.trailer_offset, crc)
+        prev_end = ustart + ulen
+    member = Member(0, mh.data_offset, 0, usize, trailer_offset, crc)
     return GzipLayout([member], runs, "map", size, dev)
 
 

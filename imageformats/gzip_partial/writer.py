@@ -18,7 +18,8 @@ after a stored range gets no dictionary, so no compressed data ever copies bytes
 from a stored range and stored bytes can be changed later without changing
 anything else.  Pieces that look incompressible (a level-1 trial of samples)
 are written as stored blocks too (like deflate itself would, minus the search).
-Pieces are compressed on ``threads`` threads (zlib releases the GIL) and their
+Pieces are compressed with zlib-ng (zlib when it is missing) on ``threads``
+threads (both release the GIL) and their
 CRC-32s are joined with :func:`crc.crc32_combine`.
 """
 
@@ -31,6 +32,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from ..block import BlockDevice, is_zero
+
+try:  # zlib-ng: the same deflate format, about 2-3x faster than zlib at the same level and ratio
+    from zlib_ng import zlib_ng as _deflate
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; plain zlib still works
+    _deflate = zlib
 from ..errors import ImageFormatError, InvalidArgumentError
 from . import header as H
 from .crc import CRC32
@@ -171,24 +177,24 @@ def write_gzip(src: BlockDevice, out_path: str, stored: list[tuple[int, int]], *
             dev.readinto(buf, job.dict_from)
         mv = memoryview(buf)
         data = mv[job.start - job.dict_from :]
-        crc = zlib.crc32(data)
+        crc = _deflate.crc32(data)
         if job.stored or level == 0:
             return stored_blocks(data), crc, len(data)
         zdict = mv[: job.start - job.dict_from]
         if is_zero(data):
             out = zero_cache.get(len(data))
             if out is None:
-                co = zlib.compressobj(level, zlib.DEFLATED, -15)
-                out = co.compress(data) + co.flush(zlib.Z_SYNC_FLUSH)
+                co = _deflate.compressobj(level, _deflate.DEFLATED, -15)
+                out = co.compress(data) + co.flush(_deflate.Z_SYNC_FLUSH)
                 zero_cache[len(data)] = out
             return out, crc, len(data)
         if _incompressible(data):
             return stored_blocks(data), crc, len(data)
         if len(zdict):
-            co = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, bytes(zdict))
+            co = _deflate.compressobj(level, _deflate.DEFLATED, -15, 9, _deflate.Z_DEFAULT_STRATEGY, bytes(zdict))
         else:
-            co = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
-        return co.compress(data) + co.flush(zlib.Z_SYNC_FLUSH), crc, len(data)
+            co = _deflate.compressobj(level, _deflate.DEFLATED, -15, 9)
+        return co.compress(data) + co.flush(_deflate.Z_SYNC_FLUSH), crc, len(data)
 
     ok = False
     try:
@@ -225,7 +231,7 @@ def write_gzip(src: BlockDevice, out_path: str, stored: list[tuple[int, int]], *
                 drain_one()
         _write_all(fd, H.FINAL_EMPTY_BLOCK)
         trailer_offset = pos + len(H.FINAL_EMPTY_BLOCK)
-        _write_all(fd, H.Trailer.build(dict(crc32=crc, isize=size & 0xFFFFFFFF)))
+        _write_all(fd, H.Trailer.pack(crc, size & 0xFFFFFFFF))
         if with_map:
             os.pwrite(fd, encode_map(size, trailer_offset, run_map), extra_at)
         os.fsync(fd)
