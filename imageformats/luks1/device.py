@@ -28,6 +28,13 @@ class _Shared:
         self.header = header
         self.cipher = cipher
         self.rmw_lock = threading.Lock()  # partial-sector read-modify-write across clones
+        self.local = threading.local()  # per-thread scratch buffer for writes
+
+    def scratch(self, size: int) -> memoryview:
+        buf = getattr(self.local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self.local.buf = bytearray(size)
+        return memoryview(buf)[:size]
 
 
 class LuksDevice(BlockDevice):
@@ -131,10 +138,10 @@ class LuksDevice(BlockDevice):
     def _write_sectors(self, data: memoryview, offset: int) -> None:
         cipher = self._shared.cipher
         step = min(_WRITE_CHUNK, len(data))
-        tmp = bytearray(step)
+        tmp = self._shared.scratch(step)
         for pos in range(0, len(data), step):
             n = min(step, len(data) - pos)
-            view = memoryview(tmp)[:n]
+            view = tmp[:n]
             view[:] = data[pos : pos + n]  # never encrypt the caller's buffer in place
             cipher.encrypt_into(view, (offset + pos) // SECTOR_SIZE)
             self.backing.pwrite(view, self._offset + offset + pos)
