@@ -289,6 +289,7 @@ class Qcow2Writer:
         self.refcount_limit = (1 << options.refcount_bits) - 1
         self.refcounts.add(0)  # cluster 0: the header
         self.pos = cs  # next free host byte
+        self._written_back = cs  # writeback started for host bytes [cs, this)
         self.data_clusters = 0
         self.compressed_clusters = 0
         self._zero_cluster = bytes(cs)
@@ -326,8 +327,14 @@ class Qcow2Writer:
             raise _os_error(exc, self.path) from None
 
     def _start_writeback(self, offset: int, length: int) -> None:
-        if _sync_file_range is not None and length:
-            _sync_file_range(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+        """Start writeback of whole MiBs written so far, never of the page the next write continues:
+        writing into a page under writeback waits for the disk."""
+        if _sync_file_range is None:
+            return
+        end = (offset + length) // _WRITEBACK_STEP * _WRITEBACK_STEP
+        if end > self._written_back:
+            _sync_file_range(self.fd, self._written_back, end - self._written_back, _SYNC_FILE_RANGE_WRITE)
+            self._written_back = end  # advisory: errors ignored, fsync at the end reports them
 
     def _align(self) -> None:
         self.pos = -(-self.pos // self.cs) * self.cs
@@ -844,6 +851,7 @@ def _load_sync_file_range():
 #: Linux sync_file_range(2): start writeback of what was just written, so the final fsync is short.
 _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_STEP = 1 * MiB
 
 
 def _os_error(exc: OSError, what: str) -> ImageFormatError:
