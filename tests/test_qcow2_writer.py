@@ -182,6 +182,15 @@ def test_convert_lazy_refcounts_and_refcount_bits(tmp_path):
     assert data["lazy-refcounts"] is True and data["refcount-bits"] == 64
 
 
+def test_many_refcount_blocks(tmp_path):
+    # 512-byte clusters with 64-bit refcounts: one refcount block covers 64 clusters, so ~5 MiB of
+    # data needs ~170 blocks (written in batches of 64) and a multi-cluster refcount table.
+    src = make_source(tmp_path / "src.raw", 6 * MiB, [(4096, 5 * MiB)], seed=16)
+    dst = tmp_path / "out.qcow2"
+    convert(src, dst, cluster_size=512, refcount_bits=64)
+    verify(src, dst, tmp_path, granule=512)
+
+
 def test_compressed_packing_respects_refcount_width(tmp_path):
     # 16K clusters of 0xff deflate to ~33 bytes: ~500 would share one host cluster, more than 8-bit refcounts count.
     src = tmp_path / "src.raw"

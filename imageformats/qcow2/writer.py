@@ -220,14 +220,20 @@ def _compressor(compression_type: int) -> Callable[[bytes], bytes]:
 
 
 class _Refcounts:
-    """One counter per host cluster, growing as the file grows."""
+    """One counter per host cluster (2 bytes each), growing as the file grows.
+
+    Only compressed clusters share host clusters, and the packing starts a new host cluster
+    before a counter reaches ``MAX`` (see ``refcount_limit``), so 16 bits always suffice.
+    """
+
+    MAX = 0xFFFF
 
     def __init__(self) -> None:
-        self.a = np.zeros(1024, dtype=np.uint64)
+        self.a = np.zeros(1024, dtype=np.uint16)
 
     def _grow(self, n: int) -> None:
         if n > len(self.a):
-            new = np.zeros(max(n, 2 * len(self.a)), dtype=np.uint64)
+            new = np.zeros(max(n, 2 * len(self.a)), dtype=np.uint16)
             new[: len(self.a)] = self.a
             self.a = new
 
@@ -286,7 +292,7 @@ class Qcow2Writer:
         self.cur_l2 = np.zeros(self.l2_entries * (2 if self.ext else 1), dtype=np.uint64)
         self.cur_l2_used = False
         self.refcounts = _Refcounts()
-        self.refcount_limit = (1 << options.refcount_bits) - 1
+        self.refcount_limit = min((1 << options.refcount_bits) - 1, _Refcounts.MAX)
         self.refcounts.add(0)  # cluster 0: the header
         self.pos = cs  # next free host byte
         self._written_back = cs  # writeback started for host bytes [cs, this)
@@ -791,14 +797,18 @@ class Qcow2Writer:
             blocks_offset = self.pos
             rt_offset = blocks_offset + nblocks * cs
             self.refcounts.add(blocks_offset // cs, nblocks + tclusters)
-            counts = np.zeros(nblocks * per_block, dtype=np.uint64)
-            n = min(len(counts), len(self.refcounts.a))
-            counts[:n] = self.refcounts.a[:n]
             limit = (1 << rbits) - 1
+            counts = self.refcounts.a
             if int(counts.max(initial=0)) > limit:
                 raise UnsupportedFeatureError(
                     f"a host cluster would be referenced more than {limit} times; use a larger refcount_bits")
-            self._pwrite_all(counts.astype(f">u{rbits // 8}").tobytes(), blocks_offset)
+            step = per_block * 64  # 64 refcount blocks per write: bounded memory
+            for first in range(0, nblocks * per_block, step):
+                chunk = np.zeros(step, dtype=f">u{rbits // 8}")
+                part = counts[first : first + step]
+                chunk[: len(part)] = part
+                nbytes = min(step, nblocks * per_block - first) * rbits // 8
+                self._pwrite_all(chunk.tobytes()[:nbytes], blocks_offset + first * rbits // 8)
             table = np.zeros(tclusters * cs // 8, dtype=np.uint64)
             table[:nblocks] = blocks_offset + np.arange(nblocks, dtype=np.uint64) * cs
             self._pwrite_all(table.astype(">u8").tobytes(), rt_offset)
