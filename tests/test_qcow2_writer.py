@@ -296,6 +296,7 @@ def test_create_over_qcow2_chain_and_convert_sparse_random(tmp_path):
 
 @pytest.mark.parametrize("compat,extended_l2,compress", [
     ("1.1", "off", "off"), ("0.10", "off", "off"), ("1.1", "on", "off"), ("1.1", "off", "on"), ("0.10", "off", "on"),
+    ("1.1", "on", "on"),
 ])
 def test_convert_over_backing_keeps_zeroes(tmp_path, compat, extended_l2, compress):
     """Where the source reads zeroes but the backing file has data, the image must still read zeroes."""
