@@ -418,6 +418,18 @@ def test_destination_is_source_refused(tmp_path):
     assert src.read_bytes() == before
 
 
+@pytest.mark.parametrize("compress", ["off", "on"])
+def test_source_read_error_removes_the_output(tmp_path, compress):
+    from imageformats.errors import DeviceIOError
+    from imageformats.testing.evil import EvilDevice
+
+    src = make_source(tmp_path / "src.raw", 8 * MiB, [(0, 8 * MiB)], seed=17)
+    dst = tmp_path / "out.qcow2"
+    with EvilDevice(FileDevice(src), eio=[(6 * MiB, 4096)]) as dev, pytest.raises(DeviceIOError):
+        W.write_qcow2(dev, str(dst), {"compress": compress})
+    assert not dst.exists()
+
+
 def test_too_large_for_cluster_size(tmp_path):
     with pytest.raises(InvalidArgumentError, match="cluster_size"):
         W.create_qcow2(str(tmp_path / "x.qcow2"), 1 << 50, {"cluster_size": "512"})
