@@ -363,3 +363,17 @@ def test_memlimit(tmp_path, source):
             dev.pread(10, 0)
     with XzDevice(FileDevice(path), memlimit=64 << 20) as dev:
         assert dev.pread(4096, 0) == oracle[:4096]
+
+
+def test_serve_qcow2_xz_over_nbd(tmp_path):
+    """`imageformats serve disk.qcow2.xz`: nbdcopy and nbdinfo read the guest view through NBD."""
+    img = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 3M 192k", img)
+    oracle = tmp_path / "disk.raw"
+    run("qemu-img", "convert", "-O", "raw", img, oracle)
+    xzpath = tmp_path / "disk.qcow2.xz"
+    run("imageformats", "convert", "-f", "raw", "-O", "xz", "-o", "block_size=1M,level=0", img, xzpath)
+    out = tmp_path / "out.raw"
+    run("imageformats", "serve", xzpath, "--run", f'nbdcopy "$uri" {out}')
+    assert out.read_bytes() == oracle.read_bytes()
