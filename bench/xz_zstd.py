@@ -38,7 +38,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[0] = ROOT  # not bench/: bench/copy.py would shadow the stdlib copy module
 
-import imageformats  # noqa: E402
+
 from imageformats.cli.common import parse_size  # noqa: E402
 from imageformats.xz import XzDevice  # noqa: E402
 from imageformats.zstd import ZstdDevice  # noqa: E402
