@@ -369,3 +369,27 @@ def test_handshake_timeout_and_shutdown_with_live_clients(tmp_path, sparse_raw):
     # leaving the block closed the server with both clients still connected
     assert busy.closed_by_server() and idle.closed_by_server()
     dev.close()
+
+
+def test_pipelined_writes_beyond_the_memory_budget(served, monkeypatch):
+    import imageformats.nbd.server as server_mod
+
+    monkeypatch.setattr(server_mod, "WRITE_BUDGET", 256 * 1024)  # 4 writes of 64 KiB held at most
+    c = client(served)
+    c.go("rw")
+    model = bytearray(served.rw_path.read_bytes())
+    blobs = []
+    for i in range(16):  # 1 MiB pipelined without reading a reply
+        data = os.urandom(65536)
+        blobs.append(data)
+        c.request(P.NBD_CMD_WRITE, i * 65536, 65536, cookie=100 + i, data=data)
+        model[i * 65536 : (i + 1) * 65536] = data
+    cookies = set()
+    for _ in range(16):
+        chunks = c.chunks()
+        assert c.error_of(chunks) == 0
+        cookies.add(chunks[0][2])
+    assert cookies == set(range(100, 116))
+    c.request(P.NBD_CMD_FLUSH, cookie=1)
+    assert c.error_of(c.chunks()) == 0
+    assert served.rw_path.read_bytes() == bytes(model)

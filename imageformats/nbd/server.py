@@ -48,6 +48,8 @@ DEFAULT_WORKERS = 4
 MAX_OPTION_LENGTH = 64 * 1024
 #: A WRITE or option payload beyond this is treated as an attack: hard disconnect.
 DISCARD_LIMIT = 64 * MiB
+#: WRITE payload bytes held in memory per connection (received, not yet written) at most.
+WRITE_BUDGET = 64 * MiB
 #: Read buffers up to this size are reused by each worker thread; larger ones are allocated.
 SCRATCH_MAX = 4 * MiB
 #: Holes shorter than this in a READ are sent as data (not worth a chunk).
@@ -270,6 +272,9 @@ class _Connection:
         self.sem = asyncio.Semaphore(server.max_inflight)
         self.tx_lock = threading.Lock()
         self.scratch = threading.local()  # per worker thread read buffer (thread mode)
+        self.write_bytes = 0  # WRITE payload bytes held (bounded by WRITE_BUDGET)
+        self.write_cond = threading.Condition()
+        self.write_acond = asyncio.Condition()
         self.dead = False
 
     def _reset_options(self) -> None:
@@ -587,6 +592,10 @@ class _Connection:
                     await self._discard(length)
                     payload = _TOO_BIG
                 else:
+                    async with self.write_acond:
+                        await self.write_acond.wait_for(
+                            lambda: self.write_bytes == 0 or self.write_bytes + length <= WRITE_BUDGET)
+                        self.write_bytes += length
                     payload = await self._read(length)
             await self._acquire()
             self._spawn(self._request_async((flags, cmd, cookie, offset, length, payload)))
@@ -611,7 +620,13 @@ class _Connection:
 
     async def _request_async(self, request) -> None:
         loop = asyncio.get_running_loop()
-        parts = await loop.run_in_executor(self.server.executor, self._process, *request)
+        try:
+            parts = await loop.run_in_executor(self.server.executor, self._process, *request)
+        finally:
+            if request[1] == P.NBD_CMD_WRITE and isinstance(request[5], (bytes, bytearray)):
+                async with self.write_acond:
+                    self.write_bytes -= request[4]
+                    self.write_acond.notify_all()
         self._send(*parts)
         await self._drain()
 
@@ -699,10 +714,15 @@ class _Connection:
                         # "Size constraints": the client MUST NOT; skip the payload and refuse.
                         if length > DISCARD_LIMIT:
                             raise _HardDisconnect(f"write payload of {length} bytes")
-                        while length:
-                            length -= len(self._recv_exact(min(length, MiB)))
+                        left = length
+                        while left:
+                            left -= len(self._recv_exact(min(left, MiB)))
                         payload = _TOO_BIG
                     else:
+                        with self.write_cond:
+                            self.write_cond.wait_for(
+                                lambda: self.write_bytes == 0 or self.write_bytes + length <= WRITE_BUDGET)
+                            self.write_bytes += length
                         payload = self._recv_exact(length)
                 inflight.acquire()
                 if self.dead:
@@ -723,7 +743,14 @@ class _Connection:
             if item is None:
                 return
             try:
-                self._tx_send(self._process(*item))
+                try:
+                    parts = self._process(*item)
+                finally:
+                    if item[1] == P.NBD_CMD_WRITE and isinstance(item[5], (bytes, bytearray)):
+                        with self.write_cond:
+                            self.write_bytes -= item[4]
+                            self.write_cond.notify_all()
+                self._tx_send(parts)
             except _HardDisconnect:
                 pass
             except Exception:
