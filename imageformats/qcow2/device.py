@@ -21,6 +21,7 @@ from ..errors import (
     DeviceIOError,
     ImageFormatError,
     InvalidArgumentError,
+    NotFastError,
     ReadOnlyError,
     UnsupportedFeatureError,
 )
@@ -680,9 +681,553 @@ class Qcow2Device(BlockDevice):
             yield Extent(start, stop - start, zero=True, hole=True)
 
     # ------------------------------------------------------------------ writing
+    #
+    # Crash safety ("Host cluster management"): new data is written and flushed before the
+    # refcounts that claim its clusters, refcounts before the L2 entries that point to them,
+    # L2 tables before the L1 entries that point to them; old clusters are released last.
+    # A crash at any point leaves at worst leaked clusters (qemu-img check: leaks, no
+    # corruption).  Refcounts are always kept exact, so the dirty bit is never needed.
 
     def _prepare_write(self) -> None:
-        raise ReadOnlyError("qcow2 writing is not available yet")
+        img = self._img
+        if img.snapshots:
+            raise UnsupportedFeatureError("writing to qcow2 images with internal snapshots is not supported")
+        if img.crypt_method == H.CRYPT_AES:
+            raise UnsupportedFeatureError("writing legacy AES-encrypted qcow2 images is not supported")
+        if self.backing.readonly:
+            raise ReadOnlyError("the qcow2 file is opened read-only")
+        if img.has_data_file and self.data_dev.readonly:
+            raise ReadOnlyError("the qcow2 external data file is opened read-only")
+        cs = img.cluster_size
+        raw = self.backing.pread(img.refcount_table_clusters * cs, img.refcount_table_offset)
+        img.rt = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        bad = (img.rt & np.uint64(H.REFT_OFFSET_MASK)) % np.uint64(cs) != 0
+        if bad.any():
+            raise CorruptImageError(f"qcow2 refcount table entry {int(np.flatnonzero(bad)[0])} is unaligned")
+        img.rc_cache = T.LRUCache(4 * 1024 * 1024)
+        img.rc_bits = 1 << img.refcount_order
+        img.rc_per_block = cs * 8 // img.rc_bits
+        img.alloc_next = -(-self.backing.size // cs)
+        img.grow_devs = [self.backing]
+        img.grow_data_devs = [self.data_dev]
+        img.sync = True
+        self.can_zero = True
+        self.can_trim = True
+        self.can_fast_zero = True
+
+    # -- low-level helpers
+
+    def _sync(self, *devs: BlockDevice) -> None:
+        if self._img.sync:
+            for d in devs or (self.backing,):
+                d.flush()
+
+    def _ensure_size(self, dev: BlockDevice, end: int) -> None:
+        """Grow the file (and every handle's idea of its size) to at least ``end`` bytes."""
+        if end <= dev.size:
+            return
+        if isinstance(dev, FileDevice):
+            try:
+                if os.fstat(dev.fd).st_size < end:
+                    os.ftruncate(dev.fd, end)
+            except OSError as exc:
+                raise DeviceIOError(f"cannot grow the qcow2 file to {end} bytes: {exc.strerror}") from None
+        elif hasattr(dev, "data") and isinstance(getattr(dev, "data"), bytearray):
+            dev.data.extend(bytes(end - len(dev.data)))
+        else:
+            raise UnsupportedFeatureError(f"cannot grow a {dev.format_name} device holding a qcow2 image")
+        group = self._img.grow_devs if dev is self.backing else self._img.grow_data_devs
+        for d in group if dev in group else [dev]:
+            d.size = max(d.size, end)
+
+    def _write_at(self, dev: BlockDevice, data, offset: int) -> None:
+        self._ensure_size(dev, offset + len(data))
+        dev.pwrite(data, offset)
+
+    # -- refcounts ("Host cluster management")
+
+    def _rc_block(self, off: int) -> bytearray:
+        img = self._img
+        blk = img.rc_cache.get(off)
+        if blk is None:
+            if off + img.cluster_size > self.backing.size:
+                raise CorruptImageError(f"qcow2 refcount block at {off:#x} lies outside the file")
+            blk = bytearray(self.backing.pread(img.cluster_size, off))
+            img.rc_cache.put(off, blk, len(blk))
+        return blk
+
+    def _rc_get_in(self, blk: bytearray, i: int) -> int:
+        bits = self._img.rc_bits
+        if bits >= 8:
+            n = bits // 8
+            return int.from_bytes(blk[i * n : (i + 1) * n], "big")
+        per = 8 // bits
+        return (blk[i // per] >> (bits * (i % per))) & ((1 << bits) - 1)
+
+    def _rc_set_in(self, blk: bytearray, i: int, value: int) -> tuple[int, int]:
+        bits = self._img.rc_bits
+        if value < 0 or value >= 1 << bits:
+            raise CorruptImageError(f"qcow2 refcount would become {value} (refcount_bits {bits})")
+        if bits >= 8:
+            n = bits // 8
+            blk[i * n : (i + 1) * n] = value.to_bytes(n, "big")
+            return i * n, (i + 1) * n
+        per = 8 // bits
+        shift = bits * (i % per)
+        mask = ((1 << bits) - 1) << shift
+        blk[i // per] = (blk[i // per] & ~mask) | (value << shift)
+        return i // per, i // per + 1
+
+    def _refcount(self, cluster: int) -> int:
+        img = self._img
+        j, i = divmod(cluster, img.rc_per_block)
+        if j >= len(img.rt):
+            return 0
+        off = int(img.rt[j]) & H.REFT_OFFSET_MASK
+        if not off:
+            return 0
+        return self._rc_get_in(self._rc_block(off), i)
+
+    def _add_refcounts(self, clusters: list[int], delta: int) -> list[int]:
+        """Add ``delta`` to each cluster's refcount; write each touched block's changed span once.
+        Returns the clusters whose refcount dropped to 0."""
+        img = self._img
+        freed = []
+        spans: dict[int, list[int]] = {}
+        for c in clusters:
+            j, i = divmod(c, img.rc_per_block)
+            off = int(img.rt[j]) & H.REFT_OFFSET_MASK if j < len(img.rt) else 0
+            if not off:
+                raise CorruptImageError(f"qcow2 cluster {c} has no refcount block")
+            blk = self._rc_block(off)
+            value = self._rc_get_in(blk, i) + delta
+            if value < 0:
+                raise CorruptImageError(f"qcow2 refcount of cluster {c} would drop below zero")
+            a, b = self._rc_set_in(blk, i, value)
+            if value == 0:
+                freed.append(c)
+            span = spans.setdefault(off, [a, b])
+            span[0], span[1] = min(span[0], a), max(span[1], b)
+        for off, (a, b) in spans.items():
+            blk = self._rc_block(off)
+            self._write_at(self.backing, memoryview(blk)[a:b], off + a)
+        return freed
+
+    def _grow_refcount_table(self, need: int) -> None:
+        """A larger refcount table at the end of the file, with refcount blocks for itself."""
+        img = self._img
+        cs = img.cluster_size
+        per = img.rc_per_block
+        old = img.rt
+        entries = max(need + 1, 2 * len(old))
+        start = img.alloc_next
+        while True:
+            s = -(-entries * 8 // cs)
+            entries = s * cs // 8
+            nb = 0
+            while True:
+                lo, hi = start, start + s + nb
+                needed = [j for j in range(lo // per, (hi - 1) // per + 1) if j >= len(old) or not int(old[j])]
+                if len(needed) <= nb:
+                    break
+                nb = len(needed)
+            if not needed or needed[-1] < entries:
+                break
+            entries = needed[-1] + 1
+        if s * cs > H.MAX_REFCOUNT_TABLE_BYTES:
+            raise UnsupportedFeatureError("qcow2 refcount table would exceed 8 MiB")
+        new = np.zeros(entries, dtype=np.uint64)
+        new[: len(old)] = old
+        region = range(start, start + s + nb)
+        blocks = {j: start + s + k for k, j in enumerate(needed)}
+        for j, c in blocks.items():
+            blk = bytearray(cs)
+            for cl in region:
+                if cl // per == j:
+                    self._rc_set_in(blk, cl - j * per, 1)
+            self._write_at(self.backing, blk, c * cs)
+            img.rc_cache.put(c * cs, blk, cs)
+            new[j] = np.uint64(c * cs)
+        self._sync()
+        img.rt = new
+        existing = [cl for cl in region if cl // per not in blocks]
+        if existing:
+            self._add_refcounts(existing, +1)
+        table = new.astype(">u8").tobytes()
+        self._write_at(self.backing, table, start * cs)
+        self._sync()
+        old_off, old_clusters = img.refcount_table_offset, img.refcount_table_clusters
+        self.backing.pwrite(int(start * cs).to_bytes(8, "big") + s.to_bytes(4, "big"), H.OFF_REFCOUNT_TABLE_OFFSET)
+        self._sync()
+        img.refcount_table_offset, img.refcount_table_clusters = start * cs, s
+        img.alloc_next = max(img.alloc_next, start + s + nb)
+        self._release([old_off // cs + k for k in range(old_clusters)])
+
+    def _reserve(self, n: int) -> int:
+        """First of ``n`` contiguous free clusters at the end of the file, with refcount blocks
+        in place (their refcounts still 0: the caller sets them after writing the clusters).
+        Missing refcount blocks go right after the reserved run and count themselves."""
+        img = self._img
+        cs = img.cluster_size
+        per = img.rc_per_block
+        while True:
+            start = img.alloc_next
+            while any(self._refcount(c) for c in (start, start + n - 1)):
+                start += n
+            m = 0
+            while True:
+                lo, hi = start, start + n + m
+                missing = [j for j in range(lo // per, (hi - 1) // per + 1) if j >= len(img.rt) or not int(img.rt[j])]
+                if len(missing) <= m:
+                    break
+                m = len(missing)
+            if missing and missing[-1] >= len(img.rt):
+                self._grow_refcount_table(missing[-1])
+                continue
+            break
+        if missing:
+            blocks = {j: start + n + k for k, j in enumerate(missing)}
+            contents = {j: bytearray(cs) for j in missing}
+            existing = []
+            for c in blocks.values():
+                j = c // per
+                if j in contents:
+                    self._rc_set_in(contents[j], c - j * per, 1)
+                else:
+                    existing.append(c)
+            for j, c in blocks.items():
+                self._write_at(self.backing, contents[j], c * cs)
+                img.rc_cache.put(c * cs, contents[j], cs)
+            self._sync()
+            if existing:
+                self._add_refcounts(existing, +1)
+                self._sync()
+            for j, c in blocks.items():
+                img.rt[j] = np.uint64(c * cs)
+                self.backing.pwrite(int(c * cs).to_bytes(8, "big"), img.refcount_table_offset + 8 * j)
+            self._sync()
+        img.alloc_next = max(img.alloc_next, start + n + len(missing))
+        return start
+
+    def _release(self, clusters: list[int]) -> None:
+        """Drop one reference from each cluster; punch holes where nothing refers any more."""
+        if not clusters:
+            return
+        cs = self._img.cluster_size
+        freed = self._add_refcounts(clusters, -1)
+        self._sync()
+        for c in freed:
+            if c * cs + cs <= self.backing.size:
+                try:
+                    self.backing.trim(cs, c * cs)
+                except ImageFormatError:
+                    pass
+
+    def _old_clusters(self, entry: int) -> list[int]:
+        """Host clusters an L2 entry holds a reference to (released when the entry is replaced)."""
+        img = self._img
+        cb = img.cluster_bits
+        if entry & H.L2E_COMPRESSED:
+            host, nbytes = T.compressed_extent(entry, cb)
+            return list(range(host >> cb, ((host + nbytes - 1) >> cb) + 1))
+        off = entry & H.L2E_OFFSET_MASK
+        if off and not img.has_data_file:
+            return [off >> cb]
+        return []
+
+    # -- L1 / L2 updates
+
+    def _l2_for_update(self, l1i: int) -> tuple[np.ndarray, int, bool]:
+        """(table, host offset, is_new) for L1 entry ``l1i``; a new table is all zeroes, not yet placed."""
+        img = self._img
+        off = self._l2_offset(l1i)
+        if off:
+            return self._l2_table(off), off, False
+        shape = (img.l2_entries, 2) if img.extended_l2 else (img.l2_entries,)
+        return np.zeros(shape, dtype=np.uint64), 0, True
+
+    def _commit(self, updates: dict[int, dict[int, tuple[int, int]]], new_refs: list[int], release: list[int],
+                data_synced: bool) -> None:
+        """Apply L2 entry updates {l1 index: {l2 index: (entry, bitmap)}} in the safe order."""
+        img = self._img
+        cs = img.cluster_size
+        tables = {}
+        new_tables = [l1i for l1i in updates if not self._l2_offset(l1i)]
+        if new_tables:
+            first = self._reserve(len(new_tables))
+            for k, l1i in enumerate(new_tables):
+                new_refs.append(first + k)
+        if not data_synced:
+            self._sync(self.data_dev) if self.data_dev is not self.backing else self._sync()
+        if new_refs:
+            self._add_refcounts(new_refs, +1)
+            self._sync()
+        for l1i, ents in updates.items():
+            table, off, is_new = self._l2_for_update(l1i)
+            if is_new:
+                off = (first + new_tables.index(l1i)) * cs
+            lo, hi = min(ents), max(ents) + 1
+            for i, (e, bm) in ents.items():
+                if img.extended_l2:
+                    table[i, 0] = np.uint64(e)
+                    table[i, 1] = np.uint64(bm)
+                else:
+                    table[i] = np.uint64(e)
+            if is_new:
+                self._write_at(self.backing, table.astype(">u8").tobytes(), off)
+                img.l2_cache.put(off, table, table.nbytes)
+            else:
+                esz = img.l2_entry_size
+                self.backing.pwrite(table.reshape(-1)[lo * esz // 8 : hi * esz // 8].astype(">u8").tobytes(),
+                                    off + lo * esz)
+            tables[l1i] = (off, is_new)
+        self._sync()
+        if new_tables:
+            for l1i in new_tables:
+                off = tables[l1i][0]
+                value = off | H.L1E_COPIED
+                self.backing.pwrite(value.to_bytes(8, "big"), img.l1_offset + 8 * l1i)
+                blk = self._l1_entry_block(l1i // L1_BLOCK_ENTRIES)
+                blk[l1i % L1_BLOCK_ENTRIES] = np.uint64(value)
+            self._sync()
+        self._release(release)
+
+    def _entry(self, l1i: int, i: int) -> tuple[int, int]:
+        img = self._img
+        off = self._l2_offset(l1i)
+        if not off:
+            return 0, 0
+        t = self._l2_table(off)
+        if img.extended_l2:
+            return int(t[i, 0]), int(t[i, 1])
+        return int(t[i]), 0
+
+    # -- write / zero / trim
+
+    def _guest_view(self, buf: memoryview, offset: int) -> None:
+        """Current guest content (the COW source) of a range inside the virtual size; zeroes beyond."""
+        n = max(0, min(len(buf), self.size - offset))
+        if n:
+            self._readinto(buf[:n], offset)
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
+    def _pwrite(self, buf: memoryview, offset: int) -> None:
+        with self._img.lock:
+            self._write_locked(buf, offset)
+
+    def _write_locked(self, buf: memoryview, offset: int) -> None:
+        img = self._img
+        cs = img.cluster_size
+        cb = img.cluster_bits
+        end = offset + len(buf)
+        enc = self._cipher is not None
+        sub = cs // 32 if img.extended_l2 else cs
+        # plan: (guest cluster base, region start, region end within cluster, action, old entry, bitmap)
+        plans = []
+        pos = offset
+        while pos < end:
+            gbase = pos & ~(cs - 1)
+            a, b = pos - gbase, min(end, gbase + cs) - gbase
+            l1i, i = divmod(gbase, img.l2_span)
+            i >>= cb
+            e, bm = self._entry(l1i, i)
+            comp = bool(e & H.L2E_COMPRESSED)
+            host = e & H.L2E_OFFSET_MASK
+            has_host = (host != 0 or (img.has_data_file and e & H.L2E_COPIED)) and not comp
+            inplace = has_host and bool(e & H.L2E_COPIED) and not (not img.extended_l2 and e & H.L2E_ZERO)
+            plans.append((gbase, a, b, l1i, i, e, bm, comp, host if has_host else None, inplace))
+            pos = gbase + b
+        n_new = sum(1 for p in plans if not p[9] and not img.has_data_file)
+        first = self._reserve(n_new) if n_new else 0
+        k = 0
+        updates: dict[int, dict[int, tuple[int, int]]] = {}
+        release: list[int] = []
+        new_refs: list[int] = []
+        writes = []  # (host, bytes, guest)
+        for gbase, a, b, l1i, i, e, bm, comp, host, inplace in plans:
+            data = buf[gbase + a - offset : gbase + b - offset]
+            if img.extended_l2 and not comp:
+                sa, sb = a // sub, -(-b // sub)
+                touched = ((1 << (sb - sa)) - 1) << sa
+                alloc, zbits = bm & 0xFFFFFFFF, bm >> 32
+                if inplace:
+                    new_host = host
+                    keep = touched
+                else:
+                    new_host = gbase if img.has_data_file else (first + k) * cs
+                    if not img.has_data_file:
+                        k += 1
+                        new_refs.append(new_host >> cb)
+                    keep = touched | alloc
+                    release += self._old_clusters(e)
+                # write every subcluster in ``keep``: runs of set bits
+                bit = 0
+                while bit < 32:
+                    if not keep >> bit & 1:
+                        bit += 1
+                        continue
+                    run = bit
+                    while run < 32 and keep >> run & 1:
+                        run += 1
+                    ra, rb = bit * sub, run * sub
+                    region = bytearray(rb - ra)
+                    lo, hi = max(a, ra), min(b, rb)
+                    if lo > ra or hi < rb or hi <= lo:
+                        self._guest_view(memoryview(region), gbase + ra)
+                    if hi > lo:
+                        region[lo - ra : hi - ra] = data[lo - a : hi - a]
+                    writes.append((new_host + ra, region, gbase + ra))
+                    bit = run
+                new_alloc = (alloc | keep) & 0xFFFFFFFF
+                new_zero = zbits & ~new_alloc & 0xFFFFFFFF
+                new_e = new_host | H.L2E_COPIED
+                if (new_e, new_alloc | new_zero << 32) != (e, bm):
+                    updates.setdefault(l1i, {})[i] = (new_e, new_alloc | (new_zero << 32))
+                continue
+            if inplace:
+                ra, rb = a, b
+                if enc:
+                    ra, rb = a & ~511, (b + 511) & ~511
+                if (ra, rb) == (a, b):
+                    writes.append((host + a, data, gbase + a))
+                else:
+                    region = bytearray(rb - ra)
+                    self._guest_view(memoryview(region), gbase + ra)
+                    region[a - ra : b - ra] = data
+                    writes.append((host + ra, region, gbase + ra))
+                continue
+            new_host = gbase if img.has_data_file else (first + k) * cs
+            if not img.has_data_file:
+                k += 1
+                new_refs.append(new_host >> cb)
+            if (a, b) == (0, cs):
+                writes.append((new_host, data, gbase))
+            else:
+                region = bytearray(cs)
+                self._guest_view(memoryview(region), gbase)
+                region[a:b] = data
+                writes.append((new_host, region, gbase))
+            release += self._old_clusters(e)
+            updates.setdefault(l1i, {})[i] = (new_host | H.L2E_COPIED, 0xFFFFFFFF if img.extended_l2 else 0)
+        # 1. data (batched: contiguous host ranges become one write)
+        self._write_data(writes)
+        # 2.-4. refcounts, L2, L1, then release the old clusters
+        if updates or new_refs:
+            self._commit(updates, new_refs, release, data_synced=False)
+
+    def _write_data(self, writes) -> None:
+        dev = self.data_dev
+        batch: list = []
+        start = None
+        guest0 = None
+
+        def flush_batch():
+            if not batch:
+                return
+            data = b"".join(bytes(x) if not isinstance(x, (bytes, bytearray)) else x for x in batch)
+            if self._cipher is not None:
+                data = bytearray(data)
+                sector = (start if self._img.iv_physical else guest0) // 512
+                self._cipher.encrypt_into(memoryview(data), sector)
+            self._write_at(dev, data, start)
+
+        pos = None
+        for host, data, guest in sorted(writes, key=lambda w: w[0]):
+            if pos is not None and host == pos and len(batch) < 256:
+                batch.append(data)
+                pos += len(data)
+                continue
+            flush_batch()
+            batch, start, guest0, pos = [data], host, guest, host + len(data)
+        flush_batch()
+
+    def _zero(self, length: int, offset: int, may_trim: bool, fast: bool) -> None:
+        with self._img.lock:
+            self._zero_locked(length, offset, fast, discard=False)
+
+    def _trim(self, length: int, offset: int) -> None:
+        with self._img.lock:
+            self._zero_locked(length, offset, False, discard=True)
+
+    def _zero_locked(self, length: int, offset: int, fast: bool, discard: bool) -> None:
+        """Whole units become zero (v3) or unallocated (v2 without backing); partial ones are
+        written with zeroes (zero) or left alone (trim, which is advisory)."""
+        img = self._img
+        cs = img.cluster_size
+        cb = img.cluster_bits
+        end = offset + length
+        unit = cs // 32 if img.extended_l2 else cs
+        ua = -(-offset // unit) * unit
+        ub = end // unit * unit
+        can_meta = img.version >= 3 or self.backing_image is None
+        partial = [(offset, min(end, ua))] if ua > offset else []
+        if ub < end and ub >= ua:
+            partial.append((max(ub, offset), end))
+        if ua >= ub:
+            partial = [(offset, end)]
+        if not discard and fast and (partial or not can_meta):
+            raise NotFastError("qcow2 cannot zero this range without writing zeroes")
+        if not can_meta:
+            if not discard:
+                self._write_zeroes(offset, length)
+            return
+        if img.data_file_raw and ua < ub:
+            self.data_dev.zero(ub - ua, ua, may_trim=True)  # the raw data file stays a true image
+        updates: dict[int, dict[int, tuple[int, int]]] = {}
+        release: list[int] = []
+        rewrite: list[tuple[int, int]] = []
+        pos = ua
+        while pos < ub:
+            gbase = pos & ~(cs - 1)
+            cend = min(ub, gbase + cs)
+            l1i, i = divmod(gbase, img.l2_span)
+            i >>= cb
+            e, bm = self._entry(l1i, i)
+            if img.extended_l2:
+                sa, sb = (pos - gbase) // unit, (cend - gbase) // unit
+                mask = ((1 << (sb - sa)) - 1) << sa
+                if e & H.L2E_COMPRESSED:
+                    if mask != 0xFFFFFFFF:
+                        if not discard:
+                            rewrite.append((pos, cend))
+                        pos = cend
+                        continue
+                    release += self._old_clusters(e)
+                    new_e, alloc, zbits = 0, 0, 0
+                else:
+                    new_e, alloc, zbits = e, bm & 0xFFFFFFFF, bm >> 32
+                alloc &= ~mask
+                zbits |= mask
+                if alloc == 0 and (new_e & H.L2E_OFFSET_MASK or new_e & H.L2E_COPIED):
+                    release += self._old_clusters(new_e)
+                    new_e = 0
+                if (new_e, alloc | zbits << 32) != (e, bm):
+                    updates.setdefault(l1i, {})[i] = (new_e, alloc | (zbits << 32))
+            else:
+                if img.version >= 3:
+                    new = H.L2E_ZERO
+                else:
+                    new = 0
+                if e != new:
+                    release += self._old_clusters(e)
+                    updates.setdefault(l1i, {})[i] = (new, 0)
+            pos = cend
+        if updates:
+            self._commit(updates, [], release, data_synced=True)
+        if not discard:
+            for a, b in partial + rewrite:
+                if b > a:
+                    self._write_zeroes(a, b - a)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        chunk = 1 << 20
+        zeros = bytes(min(chunk, length))
+        pos = offset
+        while pos < offset + length:
+            n = min(chunk, offset + length - pos)
+            self._write_locked(memoryview(zeros)[:n], pos)
+            pos += n
 
     # ------------------------------------------------------------------ misc
 
@@ -703,6 +1248,10 @@ class Qcow2Device(BlockDevice):
         dev.backing_image = self.backing_image.clone() if self.backing_image is not None else None
         if self._cipher is not None:
             dev._cipher = _sector_cipher(*self._img.cipher_args)
+        if not self.readonly:
+            with self._img.lock:
+                self._img.grow_devs.append(dev.backing)
+                self._img.grow_data_devs.append(dev.data_dev)
         return dev
 
     def _close_children(self, close_backing: bool) -> None:
