@@ -158,6 +158,7 @@ class _Handle:
         self.lock = threading.Lock()
 
     def run(self, fn):
+        global _shared
         if _shared:
             with _lock:
                 return fn(_device)
@@ -166,7 +167,8 @@ class _Handle:
         if dev is None:
             try:
                 dev = _device.clone()
-            except ImageFormatError:
+            except ImageFormatError:  # this format cannot be cloned: one device, one at a time
+                _shared = True
                 with _lock:
                     return fn(_device)
             with self.lock:
