@@ -85,6 +85,10 @@ http {{
         location /norange/ {{ max_ranges 0; }}
         location = /flaky {{ return 503; }}
         location /moved/ {{ rewrite ^/moved/(.*)$ /$1 redirect; }}
+        location /nohead/ {{
+            alias {d}/www/;
+            if ($request_method = HEAD) {{ return 405; }}
+        }}
         location /sometimes/ {{
             alias {d}/www/;
             if ($flaky = fail) {{ return 503; }}
@@ -256,3 +260,12 @@ def test_transient_errors_are_retried(nginx, blob):
     time.sleep(0.2)
     statuses = nginx.statuses_for_prefix("/sometimes/")[before:]
     assert statuses.count(503) >= 1 and statuses.count(206) == 40
+
+
+def test_size_from_content_range_when_head_is_refused(nginx, blob):
+    before = len(nginx.statuses_for_prefix("/nohead/"))
+    with HttpDevice(f"{nginx.url}/nohead/blob.raw") as dev:
+        assert dev.size == len(blob)
+        assert dev.pread(5000, len(blob) - 5000) == blob[-5000:]
+    time.sleep(0.2)
+    assert nginx.statuses_for_prefix("/nohead/")[before:][:2] == [405, 206]
