@@ -119,10 +119,7 @@ class XzDevice(ChunkedDevice):
     format_name = "xz"
 
     def __init__(self, backing: BlockDevice, **options: Any):
-        try:
-            chunks, streams = parse_streams(backing)
-        except BaseException:
-            raise
+        chunks, streams = parse_streams(backing)
         self._streams = streams
         self._memlimit = int(options.get("memlimit") or DEFAULT_MEMLIMIT)
         self._setup(backing, chunks, sum(c.usize for c in chunks), options)
