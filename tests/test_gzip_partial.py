@@ -379,3 +379,108 @@ def test_convert_output_gzip(tmp_path):
     assert r.returncode == 0, r.stderr
     assert zcat(out) == data
     assert list_ranges(str(out))[2] == [(0, 65536)]
+
+
+# -- hostile and odd inputs --------------------------------------------------------------
+
+
+def test_forged_or_stale_map_is_not_trusted(tmp_path):
+    data = sample(1 << 20, 70)
+    out = make(tmp_path, data, [(0, 300_000)])
+    raw = bytearray(out.read_bytes())
+    # The map's first run: claim it is longer than it is.
+    at = raw.index(H.MAP_SI) + 4 + H.MAP_HEADER_SIZE
+    ustart, ulen, fstart, blocklen = H.MapRun.unpack_from(raw, at)
+    H.MapRun.pack_into(raw, at, ustart, ulen + 100_000, fstart, blocklen)
+    forged = tmp_path / "forged.gz"
+    forged.write_bytes(bytes(raw))
+    run("gzip", "-t", forged)  # still a valid gzip (FEXTRA is not covered by the CRC)
+    source, size, ranges = list_ranges(str(forged))
+    assert source == "walk" and size == len(data)
+    assert ranges[0] == (0, 300_000)
+    patch_file(str(forged), [(299_000, b"w" * 1000)])
+    run("gzip", "-t", forged)
+    with pytest.raises(ReadOnlyError):
+        patch_file(str(forged), [(300_000, b"w")])
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    from imageformats.errors import CorruptImageError
+    from imageformats.gzip_partial.device import GzipDevice
+
+    data = sample(600_000, 71)
+    out = make(tmp_path, data, [(0, 300_000)])
+    raw = out.read_bytes()
+    cases = {
+        "truncated": raw[: len(raw) - 50_000],
+        "no-trailer": raw[:-8],
+        "bad-name": b"\x1f\x8b\x08\x08" + bytes(6) + b"x" * 70_000,
+        "garbage-after": raw + b"garbage",
+        "reserved-flags": raw[:3] + bytes([raw[3] | 0x80]) + raw[4:],
+    }
+    for name, blob in cases.items():
+        bad = tmp_path / f"{name}.gz"
+        bad.write_bytes(blob)
+        before = bad.read_bytes()
+        with pytest.raises(CorruptImageError):
+            GzipDevice(FileDevice(str(bad))).pread(1000, 310_000)
+        with pytest.raises(CorruptImageError):
+            patch_file(str(bad), [(10, b"x")])
+        assert bad.read_bytes() == before, name
+    # Trailing zero padding is accepted, like gzip does.
+    padded = tmp_path / "padded.gz"
+    padded.write_bytes(raw + bytes(1000))
+    with GzipDevice(FileDevice(str(padded))) as dev:
+        assert dev.pread(1000, 500_000) == data[500_000:501_000]
+
+
+def test_one_patcher_at_a_time(tmp_path):
+    from imageformats.gzip_partial.device import GzipDevice
+
+    data = sample(400_000, 72)
+    out = make(tmp_path, data, [(0, 300_000)])
+    with GzipDevice(FileDevice(str(out), writable=True), writable=True) as dev:
+        dev.pwrite(b"D" * 10, 0)
+        r = subprocess.run(["gzip-patch", out, "100"], input="x", capture_output=True, text=True)
+        assert r.returncode != 0 and "another process" in r.stderr
+    assert zcat(out) == b"D" * 10 + data[10:]
+
+
+def test_partition_option_mbr(tmp_path):
+    disk = tmp_path / "mbr.img"
+    disk.write_bytes(sample(4 << 20, 73))
+    run("sfdisk", "-q", disk, input=b"label: dos\nstart=2048, size=2048\nstart=4096, size=2048\n")
+    out = tmp_path / "mbr.gz"
+    r = subprocess.run(["partial-deflate", "--partition", "2", disk, out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert list_ranges(str(out))[2] == [(4096 * 512, 6144 * 512)]
+    assert zcat(out) == disk.read_bytes()
+    r = subprocess.run(["partial-deflate", "--partition", "3", disk, tmp_path / "x.gz"], capture_output=True, text=True)
+    assert r.returncode == InvalidArgumentError.exit_code and "partition 3" in r.stderr
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 2_500_000), st.lists(st.floats(0, 1), max_size=4), st.data())
+def test_xz_boundaries_property(tmp_path_factory, size, fracs, data):
+    tmp = tmp_path_factory.mktemp("xz")
+    payload = sample(size, size)
+    stored = boundaries_to_stored(sorted(int(f * size) for f in fracs), size)
+    src = tmp / "i"
+    src.write_bytes(payload)
+    out = tmp / "o.xz"
+    with FileDevice(str(src)) as dev:
+        write_xz(dev, str(out), stored, preset=0, check=data.draw(st.sampled_from(["crc32", "crc64"])))
+    run("xz", "-t", out)
+    assert run("xz", "-dc", out).stdout == payload
+    ranges = list_ranges(str(out))[2]
+    # every stored range is editable (a tiny incompressible compressed block may be too: LZMA2 stores it)
+    for s, e in stored:
+        assert s == e or any(a <= s and e <= b for a, b in ranges), (stored, ranges)
+    if ranges:
+        s, e = data.draw(st.sampled_from(ranges))
+        a = data.draw(st.integers(s, e))
+        b = data.draw(st.integers(a, e))
+        new = os.urandom(b - a)
+        patch_file(str(out), [(a, new)])
+        run("xz", "-t", out)
+        assert run("xz", "-dc", out).stdout == payload[:a] + new + payload[b:]
