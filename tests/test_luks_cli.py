@@ -146,3 +146,14 @@ def test_uuid_and_kill_slot_cli(tmp_path, vol):
     assert p.returncode == 2 and b"last active key slot" in p.stderr
     p = sh("luks", "kill-slot", img, "0", "--force", check=True)
     assert not cs_dump_fields(img)["slots"][0]["enabled"]
+
+
+def test_key_files_are_bounded(tmp_path, vol):
+    """A key file is read whole only up to 8 MiB (cryptsetup's limit): /dev/zero is an error, not a hang."""
+    img, pw = vol
+    p = sh("luks", "dump", img, "--dump-volume-key", "--key-file", "/dev/zero")
+    assert p.returncode == 2 and b"larger than" in p.stderr
+    # with --keyfile-size only that many bytes are read: a zero key of 64 bytes opens nothing
+    p = sh("luks", "dump", img, "--dump-volume-key", "--key-file", "/dev/zero", "--keyfile-size", "64")
+    assert p.returncode == 5
+

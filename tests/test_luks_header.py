@@ -109,6 +109,16 @@ def test_payload_outside_device(cs_image):
         LuksDevice(MemoryDevice(img), passphrase=PASSPHRASE)
 
 
+def test_attached_payload_overlapping_the_header_is_refused(cs_image):
+    """Payload offset 0 is for detached headers; on the header's own device writes would destroy it."""
+    img = _patch(cs_image, 104, struct.pack(">I", 0))
+    with pytest.raises(CorruptImageError, match="overlaps the header"):
+        LuksDevice(MemoryDevice(img), passphrase=PASSPHRASE, writable=True)
+    # the same header as a detached header is fine
+    with LuksDevice(MemoryDevice(MiB), header=MemoryDevice(img), passphrase=PASSPHRASE) as dev:
+        assert dev.size == MiB
+
+
 def test_hostile_iteration_count_fails_fast(cs_image):
     img = _patch(cs_image, SLOT0 + 4, struct.pack(">I", 0xFFFFFFFF))
     with pytest.raises(CorruptImageError, match="iteration"):

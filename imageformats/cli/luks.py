@@ -27,7 +27,7 @@ from typing import Any
 
 from ..block import BlockDevice, FileDevice
 from ..errors import InvalidArgumentError, SecretRequiredError
-from .common import parse_size, read_key_file, read_passphrase_file
+from .common import parse_size
 
 ACTIONS = ("format", "dump", "add-key", "remove-key", "kill-slot", "change-key", "header-backup",
            "header-restore", "uuid")
@@ -36,11 +36,49 @@ ACTIONS = ("format", "dump", "add-key", "remove-key", "kill-slot", "change-key",
 # -- secret options (shared with `convert -O luks`) ----------------------------------------
 
 
-def _read_file(path: str) -> bytes:
+#: cryptsetup's default limit for key files read whole (--keyfile-size raises it).
+MAX_KEY_FILE = 8 << 20
+
+
+def _read_file(path: str, limit: int = MAX_KEY_FILE, what: str = "secret file") -> bytes:
+    """A file's bytes, at most ``limit`` (``-`` = stdin); a bigger file is an error, not a hang."""
     if path == "-":
-        return sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidArgumentError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+def read_passphrase_file(path: str) -> bytes:
+    """The first line of a passphrase file, without its newline (like a passphrase typed at a prompt)."""
+    return _read_file(path, what="passphrase file").split(b"\n", 1)[0].removesuffix(b"\r")
+
+
+def _read_prefix(path: str, n: int) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read(n)
     with open(path, "rb") as f:
-        return f.read()
+        return f.read(n)
+
+
+def read_key_file(path: str, offset: int = 0, size: int | None = None) -> bytes:
+    """A key file's bytes, whole and binary, from ``offset``, ``size`` of them if given (cryptsetup semantics).
+
+    Without ``size`` the file may hold at most 8 MiB after the offset (cryptsetup's default limit).
+    """
+    if offset < 0 or (size is not None and size < 0):
+        raise InvalidArgumentError("--keyfile-offset and --keyfile-size must not be negative")
+    if size is None:
+        data = _read_file(path, offset + MAX_KEY_FILE, "key file")[offset:]
+    else:
+        data = _read_prefix(path, offset + size)[offset:]
+        if len(data) < size:
+            raise InvalidArgumentError(
+                f"key file holds {len(data)} bytes after the offset, fewer than --keyfile-size {size}")
+    return data
 
 
 def add_unlock_arguments(p: argparse.ArgumentParser, key_slot_help: str | None) -> None:

@@ -68,6 +68,11 @@ class LuksDevice(BlockDevice):
         self._shared = _shared
         hdr = _shared.header
         self._offset = hdr.payload_offset * SECTOR_SIZE
+        if header is None and self._offset < hdr.keyslots_end():
+            # payload offset 0 only makes sense with a detached header: writes would destroy the key slots
+            raise CorruptImageError(
+                f"LUKS payload (sector {hdr.payload_offset}) overlaps the header and key slots of the same device"
+            )
         if self._offset > backing.size:
             raise CorruptImageError(
                 f"LUKS payload offset ({self._offset} bytes) lies past the end of the {backing.size}-byte device"
