@@ -242,8 +242,9 @@ def test_convert_and_serve_remote_images(nginx, blob, tmp_path):
     out2 = tmp_path / "out2.raw"
     subprocess.run([*IMAGEFORMATS, "convert", f"{nginx.url}/guest.qcow2.xz", str(out2)], check=True)
     assert out2.read_bytes() == raw.read_bytes()
-    # served over NBD like `nbdkit curl --filter=xz`: qemu-img reads the local qcow2 as the oracle
-    proc = subprocess.run([*IMAGEFORMATS, "serve", f"{nginx.url}/guest.qcow2",
+    # served over NBD like `nbdkit curl --filter=xz` (xz -> qcow2 -> guest): qemu-img reads the local qcow2
+    # as the oracle
+    proc = subprocess.run([*IMAGEFORMATS, "serve", f"{nginx.url}/guest.qcow2.xz",
                            "--run", f'qemu-img compare -f qcow2 -F raw {qcow} "$uri"'], capture_output=True)
     assert proc.returncode == 0, proc.stderr
 
