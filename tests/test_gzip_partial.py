@@ -484,3 +484,20 @@ def test_xz_boundaries_property(tmp_path_factory, size, fracs, data):
         patch_file(str(out), [(a, new)])
         run("xz", "-t", out)
         assert run("xz", "-dc", out).stdout == payload[:a] + new + payload[b:]
+
+
+def test_reader_refuses_half_patched_file(tmp_path):
+    from imageformats.errors import CorruptImageError
+    from imageformats.gzip_partial.device import GzipDevice
+
+    data = sample(300_000, 74)
+    out = make(tmp_path, data, [(0, 200_000)])
+    (tmp_path / "new").write_bytes(b"y" * 1000)
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHER)
+    subprocess.run([sys.executable, script, out, "5000", "2", "torn", tmp_path / "new"], capture_output=True)
+    with pytest.raises(CorruptImageError, match="--repair"):
+        GzipDevice(FileDevice(str(out)))
+    with GzipDevice(FileDevice(str(out), writable=True), writable=True) as dev:  # a writable open repairs
+        assert dev.pread(1000, 5000) == b"y" * 1000
+    run("gzip", "-t", out)

@@ -45,7 +45,7 @@ from . import header as H
 from .inflate import RawInflater
 from .layout import (AccessPoint, DeflateScanner, GzipLayout, Member, StoredRun, read_map, runs_from_blocks,
                      scan_members)
-from .patch import apply_writes, coalesce, lock_file, plan_gzip, repair
+from .patch import apply_writes, coalesce, decode_journal, journal_path, lock_file, plan_gzip, repair
 
 DEFAULT_SPAN = 1 * MiB
 INDEX_MAGIC = b"IFGZIDX1"
@@ -155,6 +155,10 @@ class GzipDevice(BlockDevice):
                         "a writable gzip device needs a writable local file (for the patch journal)")
                 lock_file(backing.fd, self._path)
                 repair(self._path, backing.fd)
+            elif self._path and _interrupted(self._path):
+                raise CorruptImageError(
+                    f"{self._path} has an interrupted patch ({journal_path(self._path)}): "
+                    f"run gzip-patch --repair {self._path}")
             if _shared is not None:
                 self._s = _shared
             else:
@@ -425,13 +429,25 @@ class GzipDevice(BlockDevice):
 
     def layer_info(self) -> dict[str, Any]:
         s = self._s
-        return {
+        info: dict[str, Any] = {
             "layout": s.layout.source,
             "members": len(s.layout.members),
             "access-points": len(s.points),
             "span": s.span,
-            "editable-ranges": [[a, b] for a, b in self.editable_ranges()],
+            "stored-runs": len(s.layout.runs),
         }
+        if len(s.layout.runs) <= 64:  # each run costs a 32 KiB inflate to check (layout.py)
+            info["editable-ranges"] = [[a, b] for a, b in self.editable_ranges()]
+        return info
+
+
+def _interrupted(path: str) -> bool:
+    """A complete journal next to ``path``: the file may hold a half-written patch."""
+    try:
+        with open(journal_path(path), "rb") as f:
+            return decode_journal(f.read(1 << 30)) is not None
+    except FileNotFoundError:
+        return False
 
 
 def _blocks(run: StoredRun):
