@@ -187,3 +187,48 @@ def test_nbd_client_edits_boot_of_gzipped_disk(tmp_path):
     run("gzip", "-t", path)
     model = data[:1052672] + b"A" * 8192 + data[1052672 + 8192:]
     assert run("zcat", path).stdout == model
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["write", "read", "flush"]), st.floats(0, 1), st.integers(0, 80_000)),
+                max_size=25))
+def test_writable_device_against_a_model(tmp_path_factory, ops):
+    tmp = tmp_path_factory.mktemp("model")
+    data = sample(600_000, 80)
+    stored = [(0, 150_000), (300_000, 450_000), (599_000, 600_000)]
+    path = make(tmp, data, stored)
+    model = bytearray(data)
+    rnd = random.Random(len(ops))
+    with GzipDevice(FileDevice(str(path), writable=True), writable=True, max_pending=100_000) as dev:
+        for op, frac, n in ops:
+            if op == "write":
+                s, e = stored[int(frac * 2.999)]
+                a = rnd.randrange(s, e)
+                n = min(n, e - a)
+                buf = rnd.randbytes(n)
+                dev.pwrite(buf, a)
+                model[a:a + n] = buf
+            elif op == "read":
+                a = int(frac * (len(data) - 1))
+                n = min(n, len(data) - a)
+                assert dev.pread(n, a) == model[a:a + n]
+            else:
+                dev.flush()
+                assert run("zcat", path).stdout == bytes(model)
+    run("gzip", "-t", path)
+    assert run("zcat", path).stdout == bytes(model)
+
+
+def test_too_many_runs_for_the_map_falls_back_to_walk(tmp_path):
+    data = sample(2500 * 400, 81)
+    stored = [(i * 400, i * 400 + 200) for i in range(2500)]
+    path = make(tmp_path, data, stored, level=1)
+    assert run("zcat", path).stdout == data
+    with GzipDevice(FileDevice(str(path), writable=True), writable=True) as dev:
+        assert dev.layer_info()["layout"] == "walk"
+        dev.pwrite(b"Z" * 200, 2400 * 400)
+    run("gzip", "-t", path)
+    assert run("zcat", path).stdout == data[:960_000] + b"Z" * 200 + data[960_200:]
