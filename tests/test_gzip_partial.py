@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import os
 import random
 import struct
@@ -15,11 +14,11 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from imageformats.block import FileDevice, MemoryDevice
+from imageformats.block import FileDevice
 from imageformats.errors import InvalidArgumentError, ReadOnlyError
 from imageformats.gzip_partial import header as H
-from imageformats.gzip_partial.layout import encode_map, map_payload_size, read_layout, walk
-from imageformats.gzip_partial.patch import journal_path, list_ranges, patch_file, repair
+from imageformats.gzip_partial.layout import encode_map, map_payload_size, walk
+from imageformats.gzip_partial.patch import journal_path, list_ranges, patch_file
 from imageformats.gzip_partial.writer import boundaries_to_stored, write_gzip
 from imageformats.gzip_partial.xz_stored import write_xz
 from peers import run

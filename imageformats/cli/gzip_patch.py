@@ -57,7 +57,7 @@ def run(args) -> int:
         raise InvalidArgumentError("patch larger than 1 GiB: split it into several gzip-patch runs")
     result = patch_file(args.file, [(offset, data)], walk=args.walk)
     if result["repaired"] == "replayed":
-        print(f"gzip-patch: completed an interrupted earlier patch first", file=sys.stderr)
+        print("gzip-patch: completed an interrupted earlier patch first", file=sys.stderr)
     return 0
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..block import BlockDevice, FileDevice, MiB
 from ..detect import Format, Output, register_format, register_output
-from ..errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
+from ..errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from . import header as H
 from .inflate import RawInflater
 from .layout import (AccessPoint, DeflateScanner, GzipLayout, Member, StoredRun, read_map, runs_from_blocks,
