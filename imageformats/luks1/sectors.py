@@ -162,14 +162,14 @@ def _xts_tweaks(t0: np.ndarray, out: np.ndarray, o: np.ndarray, t: np.ndarray, l
 class _Scratch:
     """ECB contexts and buffers for one thread (cryptography contexts are not thread-safe)."""
 
-    def __init__(self, owner: "SectorCipher"):
+    def __init__(self, owner: "SectorCipher", n: int):
         alg = owner._alg
         k1 = owner._data_key
         self.enc = Cipher(alg(k1), modes.ECB()).encryptor()
         self.dec = Cipher(alg(k1), modes.ECB()).decryptor()
         self.tweak = Cipher(alg(owner._tweak_key), modes.ECB()).encryptor() if owner._tweak_key else None
         self.essiv = Cipher(alg(owner._essiv_key), modes.ECB()).encryptor() if owner._essiv_key else None
-        n = CHUNK_SECTORS
+        self.n = n  # sectors the buffers hold (grown on demand up to CHUNK_SECTORS)
         self.iv = np.zeros((n, 2), np.uint64)
         self.iv_out = bytearray(n * _BLOCK + _BLOCK)
         self.essiv_out = bytearray(n * _BLOCK + _BLOCK)
@@ -186,6 +186,9 @@ class _Scratch:
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+#: Held while a request is split over the helper thread; other callers (clones on other threads,
+#: which already keep the second core busy) then run serially instead of queueing for it.
+_split_lock = threading.Lock()
 
 
 def _helper_pool() -> ThreadPoolExecutor:
@@ -233,15 +236,15 @@ class SectorCipher:
                 )
             self._essiv_key = digest
         self._local = threading.local()
-        _Scratch(self)  # fail now, not on first I/O, if OpenSSL rejects the key
+        self._local.st = _Scratch(self, 1)  # fail now, not on first I/O, if OpenSSL rejects the key
 
     def __repr__(self) -> str:
         return f"<SectorCipher {self.cipher_name}-{self.cipher_mode} {self.key_bytes * 8}-bit>"
 
-    def _scratch(self) -> _Scratch:
+    def _scratch(self, nsec: int) -> _Scratch:
         st = getattr(self._local, "st", None)
-        if st is None:
-            st = self._local.st = _Scratch(self)
+        if st is None or st.n < nsec:
+            st = self._local.st = _Scratch(self, min(CHUNK_SECTORS, max(nsec, 2 * (st.n if st else 0))))
         return st
 
     # -- public API --------------------------------------------------------------------
@@ -263,20 +266,23 @@ class SectorCipher:
         if first_sector < 0:
             raise InvalidArgumentError(f"negative sector number {first_sector}")
         nsec = len(mv) // SECTOR_SIZE
-        if nsec >= PARALLEL_SECTORS:
+        if nsec >= PARALLEL_SECTORS and _split_lock.acquire(blocking=False):
             # Two halves on two threads: numpy's XOR and shift loops release the GIL.
-            half = (nsec // 2 // CHUNK_SECTORS) * CHUNK_SECTORS or nsec // 2
-            fut = _helper_pool().submit(self._chunks, mv[half * SECTOR_SIZE:], first_sector + half, encrypt)
             try:
-                self._chunks(mv[: half * SECTOR_SIZE], first_sector, encrypt)
+                half = (nsec // 2 // CHUNK_SECTORS) * CHUNK_SECTORS or nsec // 2
+                fut = _helper_pool().submit(self._chunks, mv[half * SECTOR_SIZE:], first_sector + half, encrypt)
+                try:
+                    self._chunks(mv[: half * SECTOR_SIZE], first_sector, encrypt)
+                finally:
+                    fut.result()
             finally:
-                fut.result()
+                _split_lock.release()
         else:
             self._chunks(mv, first_sector, encrypt)
 
     def _chunks(self, mv: memoryview, first_sector: int, encrypt: bool) -> None:
-        st = self._scratch()
         step = CHUNK_SECTORS * SECTOR_SIZE
+        st = self._scratch(min(CHUNK_SECTORS, len(mv) // SECTOR_SIZE))
         for pos in range(0, len(mv), step):
             piece = mv[pos : pos + step]
             sector = first_sector + pos // SECTOR_SIZE
