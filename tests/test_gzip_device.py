@@ -231,3 +231,19 @@ def test_too_many_runs_for_the_map_falls_back_to_walk(tmp_path):
         dev.pwrite(b"Z" * 200, 2400 * 400)
     run("gzip", "-t", path)
     assert run("zcat", path).stdout == data[:960_000] + b"Z" * 200 + data[960_200:]
+
+
+def test_access_points_are_bounded(tmp_path, monkeypatch):
+    import imageformats.gzip_partial.layout as L
+
+    monkeypatch.setattr(L, "MAX_POINTS", 8)
+    data = sample(4 << 20, 82)
+    path = tmp_path / "b.gz"
+    path.write_bytes(run("gzip", "-c", input=data).stdout)
+    with GzipDevice(FileDevice(str(path)), span=32 * 1024) as dev:
+        assert dev.layer_info()["access-points"] <= 9  # 4 MiB / 32 KiB would be 128
+        _random_reads(dev, data, 40, 3)
+    part = make(tmp_path, data, [(0, 100_000)])
+    with GzipDevice(FileDevice(str(part)), span=32 * 1024) as dev:  # lazy index, thinned as it grows
+        _random_reads(dev, data, 40, 4)
+        assert dev.layer_info()["access-points"] < 60

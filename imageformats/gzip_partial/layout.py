@@ -34,6 +34,10 @@ from .inflate import RawInflater
 
 IN_CHUNK = 1 << 20
 OUT_CHUNK = 1 << 20
+#: At most this many windowed access points per scanned stream (32 KiB each: 128 MiB);
+#: beyond it every other point is dropped and the span doubles (memory stays bounded
+#: even for a decompression bomb).
+MAX_POINTS = 4096
 
 
 @dataclass
@@ -216,6 +220,7 @@ class DeflateScanner:
         self.finished = False
         self.want_windows = want_windows
         self._last_point = start.u
+        self._emitted = 0
         self._buf = bytearray(IN_CHUNK)
         self._len = 0
         self._pos = 0
@@ -291,6 +296,11 @@ class DeflateScanner:
                     window = inf.window() if self.want_windows else b""
                     self.points.append(AccessPoint(self.u, self.c, bits, self._prev if bits else 0, window))
                     self._last_point = self.u
+                    self._emitted += 1
+                    if self._emitted >= MAX_POINTS:
+                        self.points[:] = self.points[1::2] if len(self.points) > 1 else self.points
+                        self._emitted //= 2
+                        self.span *= 2
                 self._boundary(bits)
         if self.finished:
             inf.close()
