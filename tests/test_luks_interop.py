@@ -397,6 +397,8 @@ def test_detached_header(tmp_path):
         dev.pwrite(data[: dev.size], 0)
         off = dev.payload_offset
     assert cs_test_passphrase(data_file, pw, "--header", hdr_file)
+    with detect.open(str(data_file), format="luks", luks_header=str(hdr_file), passphrase=PASSPHRASE) as dev:
+        assert dev.pread(dev.size, 0) == data[: dev.size]
     # oracle: the same volume key in an attached volume, data written by qemu
     key = bytes.fromhex(cs_dump_fields(hdr_file, "-q", "--dump-master-key", "--key-file", pw)["MK dump"]
                         .replace(" ", ""))
