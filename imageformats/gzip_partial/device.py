@@ -45,7 +45,8 @@ from . import header as H
 from .inflate import RawInflater
 from .layout import (AccessPoint, DeflateScanner, GzipLayout, Member, StoredRun, read_map, runs_from_blocks,
                      scan_members)
-from .patch import apply_writes, coalesce, decode_journal, journal_path, lock_file, plan_gzip, repair
+from .patch import (MAX_JOURNAL, apply_writes, coalesce, decode_journal, journal_path, lock_file, plan_gzip,
+                    repair)
 
 DEFAULT_SPAN = 1 * MiB
 INDEX_MAGIC = b"IFGZIDX1"
@@ -445,7 +446,9 @@ def _interrupted(path: str) -> bool:
     """A complete journal next to ``path``: the file may hold a half-written patch."""
     try:
         with open(journal_path(path), "rb") as f:
-            return decode_journal(f.read(1 << 30)) is not None
+            if os.fstat(f.fileno()).st_size > MAX_JOURNAL:
+                return True
+            return decode_journal(f.read()) is not None
     except FileNotFoundError:
         return False
 

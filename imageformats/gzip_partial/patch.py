@@ -40,8 +40,8 @@ from .layout import GzipLayout, read_layout
 
 JOURNAL_SUFFIX = ".gzpatch-journal"
 JOURNAL_MAGIC = b"GZPJNL01"
-#: Largest journal we read back (a patch of 1 GiB journals 2 GiB; bigger patches are split by callers).
-MAX_JOURNAL = 1 << 34
+#: Largest journal written or read back: old + new bytes of a 1 GiB patch, plus headers.
+MAX_JOURNAL = (2 << 30) + (16 << 20)
 
 
 def journal_path(path: str) -> str:
@@ -175,6 +175,8 @@ def apply_writes(path: str, fd: int, writes: list[tuple[int, bytes, bytes]]) -> 
         return
     jpath = journal_path(path)
     size = os.fstat(fd).st_size
+    if sum(2 * len(new) + 12 for _off, _old, new in writes) + 24 > MAX_JOURNAL:
+        raise InvalidArgumentError("patch larger than 1 GiB: split it into several patches")
     record = encode_journal(size, writes)
     try:
         jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
