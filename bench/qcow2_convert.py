@@ -10,7 +10,7 @@ convert's default cache mode (unsafe) does not flush, so a second qemu-img figur
 adds `sync FILE` (an fsync of its output) for an equally durable result.  Prints both times and
 the ratio (qemu-img time / our time: >= 1.0 means we are at least as fast).
 
-    python3 bench/qcow2_convert.py [--size 1G] [--dir /tmp] [--compressible] [--runs 1]
+    python3 bench/qcow2_convert.py [--size 1G] [--dir /tmp] [--compressible] [--runs 1] [--together]
 """
 
 from __future__ import annotations
@@ -83,12 +83,15 @@ def main() -> int:
     ap.add_argument("--compressible", action="store_true", help="text-like data instead of random bytes")
     ap.add_argument("--runs", type=int, default=1, help="best of N runs")
     ap.add_argument("--compression-type", default="zlib", choices=["zlib", "zstd"])
+    ap.add_argument("--together", action="store_true",
+                    help="run both tools at the same time (same conditions on a machine others are loading)")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = tempfile.mkdtemp(prefix="qcow2-bench-", dir=args.dir)
     try:
         src = os.path.join(work, "src.raw")
         allocated = make_source(src, size, args.compressible)
+        subprocess.run(["sync", src], check=True)
         with open(src, "rb") as f:  # warm the page cache for both tools
             while f.read(16 * MiB):
                 pass
@@ -115,16 +118,43 @@ def main() -> int:
                 qemu()
                 subprocess.run(["sync", qemu_out], check=True)
 
+            if args.together:
+                # Both at once, under the same conditions (useful on a machine others are loading).
+                cmd_ours = [sys.executable, "-m", "imageformats", "convert", "-O", "qcow2",
+                            *(["-c"] if compress else []), "-o", f"compression_type={args.compression_type}",
+                            src, ours_out]
+                cmd_qemu = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *qemu_o,
+                            *(["-c"] if compress else []), src, qemu_out]
+                t0 = time.perf_counter()
+                procs = {"ours": subprocess.Popen(cmd_ours), "qemu": subprocess.Popen(cmd_qemu)}
+                done: dict[str, float] = {}
+                while len(done) < 2:
+                    for who, p in procs.items():
+                        if who not in done and p.poll() is not None:
+                            done[who] = time.perf_counter() - t0
+                    time.sleep(0.01)
+                label = f"together: convert -O qcow2{' -c' if compress else ''}"
+                print(f"{label:32s} imageformats {done['ours']:7.3f} s   qemu-img {done['qemu']:7.3f} s   "
+                      f"ratio {done['qemu'] / done['ours']:5.2f}x")
+                continue
             t_ours = t_qemu = t_qemu_sync = float("inf")
             CPU.update(ours=0.0, qemu=0.0, sync=0.0)
-            for _ in range(args.runs):  # alternate, so a busy moment hits both tools alike
+            for run in range(args.runs):  # alternate (order rotating), so a busy moment hits both tools alike
                 for path in (ours_out, qemu_out):
                     if os.path.exists(path):
                         os.unlink(path)
-                t_ours = min(t_ours, timed(ours, "ours"))
-                t_qemu = min(t_qemu, timed(qemu, "qemu"))
-                os.unlink(qemu_out)
-                t_qemu_sync = min(t_qemu_sync, timed(qemu_sync, "sync"))
+                steps = [("ours", ours), ("qemu", qemu), ("sync", qemu_sync)]
+                for who, fn in steps[run % 3:] + steps[: run % 3]:
+                    if os.path.exists(qemu_out):
+                        os.unlink(qemu_out)
+                    t = timed(fn, who)
+                    if who == "ours":
+                        t_ours = min(t_ours, t)
+                    elif who == "qemu":
+                        t_qemu = min(t_qemu, t)
+                        subprocess.run(["sync", qemu_out], check=True)  # untimed: no dirty data left behind
+                    else:
+                        t_qemu_sync = min(t_qemu_sync, t)
             same = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", src, ours_out]).returncode == 0
             check = subprocess.run(["qemu-img", "check", "-q", ours_out]).returncode == 0
             ok &= same and check
