@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import ImageFormatError
@@ -65,7 +66,9 @@ def run_command(func, args, debug: bool = False) -> int:
 
 
 def _prog() -> str:
-    return "imageformats"
+    # "partial-deflate: error: ..." for the sibling console scripts; "python -m imageformats" -> imageformats
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "imageformats" if name in ("", "__main__.py", "-c") or name.endswith(".py") else name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sparse copy of a raw file: imageformats.copy() vs `qemu-img convert -O raw` vs `cp --sparse=always`.
 
-    python3 bench/copy.py [SIZE_MIB]        (default 1024: a 1 GiB file, half data, half holes)
+    python3 bench/block_copy.py [SIZE_MIB]        (default 1024: a 1 GiB file, half data, half holes)
 
 The source alternates 4 MiB of random data with 4 MiB holes, plus one 4 MiB run of
 *allocated* zeroes every 64 MiB (which a sparse copy must turn into a hole).  Each
@@ -10,11 +10,6 @@ cmp and its allocated size is printed.  Best of 3 runs, warm page cache.
 """
 
 from __future__ import annotations
-
-import sys  # noqa: I001  (first: this file is named copy.py, so its directory must leave sys.path
-import os.path  #           before anything imports the standard library's copy module)
-
-sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 import os
 import shutil
