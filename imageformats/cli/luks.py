@@ -178,7 +178,8 @@ def register(sub) -> None:
     _pbkdf_arguments(f)
     add_unlock_arguments(f, None)
     add_new_secret_arguments(f)
-    f.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    f.add_argument("-q", "--batch-mode", "--quiet", dest="quiet", action="store_true",
+                   help="batch mode: overwrite an existing LUKS header without refusing, print nothing")
     f.set_defaults(func=run_format)
 
     d = acts.add_parser("dump", allow_abbrev=False, help="show the header (luksDump)")
@@ -269,6 +270,12 @@ def run_format(args) -> int:
         FileDevice.create(args.device, total).close()
     elif not os.path.exists(args.device):
         raise InvalidArgumentError(f"{args.device}: no such file (give --size to create it)")
+    target = args.header if detached else args.device
+    if not args.quiet and os.path.exists(target):
+        with open(target, "rb") as fh:
+            if fh.read(6) == b"LUKS\xba\xbe":
+                raise InvalidArgumentError(f"{target} already holds a LUKS header: give -q (--batch-mode) to "
+                                           "overwrite it (its data becomes unreadable)")
     if detached:
         if not os.path.exists(args.header):
             FileDevice.create(args.header, p.keyslots_end).close()
