@@ -902,10 +902,16 @@ class Qcow2Device(BlockDevice):
             if existing:
                 self._add_refcounts(existing, +1)
                 self._sync()
-            for j, c in blocks.items():
-                img.rt[j] = np.uint64(c * cs)
-                self.backing.pwrite(int(c * cs).to_bytes(8, "big"), img.refcount_table_offset + 8 * j)
-            self._sync()
+            # Publish table entries so that a block's own refcount is always reachable first:
+            # a block counted in another new block waits for that block's entry (and a flush).
+            todo = dict(blocks)
+            while todo:
+                ready = [j for j, c in todo.items() if c // per == j or c // per not in todo]
+                for j in ready or list(todo):
+                    c = todo.pop(j)
+                    img.rt[j] = np.uint64(c * cs)
+                    self.backing.pwrite(int(c * cs).to_bytes(8, "big"), img.refcount_table_offset + 8 * j)
+                self._sync()
         img.alloc_next = max(img.alloc_next, start + n + len(missing))
         return start
 
