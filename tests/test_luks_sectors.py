@@ -153,6 +153,9 @@ def test_errors():
         sc.decrypt_into(bytes(512), 0)
     with pytest.raises(InvalidArgumentError):
         sc.decrypt_into(bytearray(512), -1)
+    with pytest.raises(InvalidArgumentError):
+        sc.decrypt_into(bytearray(1024), 2**64 - 1)
+    sc.decrypt_into(bytearray(512), 2**64 - 1)
 
 
 def test_repr_has_no_key():

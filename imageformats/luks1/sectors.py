@@ -263,9 +263,9 @@ class SectorCipher:
             raise InvalidArgumentError("sector buffer is read-only")
         if len(mv) % SECTOR_SIZE:
             raise InvalidArgumentError(f"buffer length {len(mv)} is not a multiple of {SECTOR_SIZE}")
-        if first_sector < 0:
-            raise InvalidArgumentError(f"negative sector number {first_sector}")
         nsec = len(mv) // SECTOR_SIZE
+        if first_sector < 0 or first_sector + nsec > 1 << 64:
+            raise InvalidArgumentError(f"sector numbers {first_sector}..{first_sector + nsec - 1} are outside 0..2^64-1")
         if nsec >= PARALLEL_SECTORS and _split_lock.acquire(blocking=False):
             # Two halves on two threads: numpy's XOR and shift loops release the GIL.
             try:
