@@ -269,3 +269,30 @@ def test_direct_device_and_probe(tmp_path):
         assert dev.readonly
     with imageformats.open(str(img), format="qcow2") as dev:
         assert dev.pread(4, 510) == b"\xab\xab\0\0"
+
+
+def test_luks_encrypted(tmp_path):
+    """encrypt.format=luks: LUKS header found via extension 0x0537be77, host-sector IVs."""
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"read-me-pass")
+    obj = ["--object", f"secret,id=s0,file={pw}"]
+    img = tmp_path / "l.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", *obj, "-o",
+       "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=200,cluster_size=4096", img, 2 * MiB)
+    opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=s0"
+    sh("qemu-io", *obj, "--image-opts", "-c", "write -P 0x21 10000 300000", "-c", "write -z 1M 64k",
+       "-c", "write -P 0x22 1500000 5000", opts)
+    ref = qemu_raw(opts, tmp_path, *obj, "--image-opts")
+    with imageformats.open(str(img), passphrase=b"read-me-pass") as dev:
+        assert dev.pread(dev.size, 0) == ref
+        assert dev.pread(777, 12345) == ref[12345 : 12345 + 777]
+        info = dev.layer_info()
+        assert info["encrypt"]["format"] == "luks" and "aes" in info["encrypt"]["cipher"]
+        with dev.clone() as c:
+            assert c.pread(4096, 8192) == ref[8192 : 8192 + 4096]
+    from imageformats.errors import SecretRequiredError, WrongPassphraseError
+
+    with pytest.raises(SecretRequiredError):
+        imageformats.open(str(img))
+    with pytest.raises(WrongPassphraseError):
+        imageformats.open(str(img), passphrase=b"wrong")
