@@ -91,7 +91,7 @@ def qemu_create(img: Path, keyfile: Path, size: int, **opts) -> None:
     """qemu-img create -f luks.  qemu 7.2's PBKDF2 benchmark sometimes fails on a loaded machine
     ("Unable to get accurate CPU usage"): that one error is retried, anything else fails the test."""
     o = ",".join(["key-secret=s0", "iter-time=10"] + [f"{k.replace('_', '-')}={v}" for k, v in opts.items()])
-    for attempt in range(5):
+    for attempt in range(8):
         proc = run("qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={keyfile}", "-o", o,
                    img, size, check=False)
         if proc.returncode == 0:
