@@ -19,7 +19,7 @@ from imageformats.errors import (
 )
 from imageformats.luks1 import LuksDevice, LuksHeader, is_luks, read_header, unlock
 from imageformats.luks1.header import HEADER_SIZE, PhdrStruct
-from luks_tools import PASSPHRASE, cs_format, secret_file
+from luks_tools import PASSPHRASE, cs_format, qemu_create, secret_file
 from peers import run
 
 MiB = 1 << 20
@@ -140,6 +140,15 @@ def test_unsupported_cipher_and_hash_are_named(cs_image):
     img = _patch(cs_image, 40, b"cbc-benbi".ljust(32, b"\0"))
     with pytest.raises(UnsupportedFeatureError, match="benbi"):
         LuksDevice(MemoryDevice(img), passphrase=PASSPHRASE)
+
+
+def test_qemu_twofish_volume_is_refused_by_name(tmp_path):
+    """qemu can make twofish volumes; no maintained Python library here provides twofish."""
+    pw = secret_file(tmp_path, PASSPHRASE)
+    img = tmp_path / "tf.luks"
+    qemu_create(img, pw, MiB, cipher_alg="twofish-128", cipher_mode="xts")
+    with pytest.raises(UnsupportedFeatureError, match="twofish"):
+        detect.open(str(img), passphrase=PASSPHRASE)
 
 
 def test_damaged_key_material_gives_wrong_passphrase_not_garbage(cs_image):
