@@ -170,8 +170,6 @@ class Qcow2Device(BlockDevice):
             writable = False
         if writable and img.dirty:
             raise ReadOnlyError("qcow2 image is dirty (refcounts may be stale): repair it with 'qemu-img check -r all' before writing")
-        if writable and img.autoclear & ~(H.AUTOCLEAR_BITMAPS | H.AUTOCLEAR_DATA_FILE_RAW):
-            raise UnsupportedFeatureError("qcow2 image has unknown autoclear features; not writing it")
 
         # "Snapshots"
         img.snapshots = self._read_snapshot_table()
@@ -704,6 +702,13 @@ class Qcow2Device(BlockDevice):
         bad = (img.rt & np.uint64(H.REFT_OFFSET_MASK)) % np.uint64(cs) != 0
         if bad.any():
             raise CorruptImageError(f"qcow2 refcount table entry {int(np.flatnonzero(bad)[0])} is unaligned")
+        # "autoclear_features": we do not maintain bitmaps (or anything unknown), so their
+        # consistency bits are cleared before the first write, as the spec requires.
+        keep = img.autoclear & H.AUTOCLEAR_DATA_FILE_RAW
+        if img.version >= 3 and img.autoclear != keep:
+            self.backing.pwrite(keep.to_bytes(8, "big"), H.OFF_AUTOCLEAR_FEATURES)
+            self.backing.flush()
+            img.autoclear = keep
         img.rc_cache = T.LRUCache(4 * 1024 * 1024)
         img.rc_bits = 1 << img.refcount_order
         img.rc_per_block = cs * 8 // img.rc_bits
