@@ -491,6 +491,19 @@ class Qcow2Device(BlockDevice):
             raise CorruptImageError(f"qcow2 L1 entry {l1_index} points to {off:#x}, outside the file or unaligned")
         return off
 
+    def _next_l1_allocated(self, index: int) -> int:
+        """The first L1 index >= ``index`` with an L2 table (l1_size when there is none)."""
+        img = self._img
+        while index < img.l1_size:
+            block = index // L1_BLOCK_ENTRIES
+            arr = self._l1_entry_block(block)
+            rel = index - block * L1_BLOCK_ENTRIES
+            hits = np.flatnonzero(arr[rel:] & np.uint64(H.L1E_OFFSET_MASK))
+            if len(hits):
+                return index + int(hits[0])
+            index = (block + 1) * L1_BLOCK_ENTRIES
+        return max(index, img.l1_size)
+
     def _l2_table(self, l2_off: int) -> np.ndarray:
         img = self._img
         table = img.l2_cache.get(l2_off)
@@ -523,6 +536,9 @@ class Qcow2Device(BlockDevice):
             tend = min(end, (l1i + 1) * img.l2_span)
             l2_off = self._l2_offset(l1i)
             if not l2_off:
+                # skip the following unallocated L2 tables wholesale (one numpy search per L1 block)
+                nxt = self._next_l1_allocated(l1i + 1)
+                tend = min(end, nxt * img.l2_span)
                 yield pos, tend, T.UNALLOCATED, 0, None
                 pos = tend
                 continue
