@@ -164,6 +164,8 @@ def test_format_refuses_to_overwrite_a_luks_header_without_batch_mode(tmp_path, 
     p = sh("luks", "format", img, "--pbkdf-force-iterations", "1000", "--new-passphrase-file", pw)
     assert p.returncode == 2 and b"already holds a LUKS header" in p.stderr
     assert img.read_bytes()[:4096] == before
+    p = sh("luks", "format", img, "--size", "64K", "--pbkdf-force-iterations", "1000", "--new-passphrase-file", pw)
+    assert p.returncode == 2 and img.read_bytes()[:4096] == before and cs_test_passphrase(img, pw)
     assert sh("luks", "format", img, "-q", "--pbkdf-force-iterations", "1000", "--new-passphrase-file", pw,
               "--uuid", "11111111-2222-3333-4444-555555555555").returncode == 0
     assert cs_dump_fields(img)["UUID"] == "11111111-2222-3333-4444-555555555555"

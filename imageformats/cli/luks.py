@@ -262,6 +262,12 @@ def run_format(args) -> int:
     volume_key = _read_file(args.volume_key_file) if args.volume_key_file else None
     detached = args.header is not None
     p = layout(args.cipher, args.key_size, args.hash_spec, args.align_payload, detached)
+    target = args.header if detached else args.device
+    if not args.quiet and os.path.exists(target):
+        with open(target, "rb") as fh:
+            if fh.read(6) == b"LUKS\xba\xbe":
+                raise InvalidArgumentError(f"{target} already holds a LUKS header: give -q (--batch-mode) to "
+                                           "overwrite it (its data becomes unreadable)")
     if args.size is not None:
         size = parse_size(args.size)
         if size % 512:
@@ -270,12 +276,6 @@ def run_format(args) -> int:
         FileDevice.create(args.device, total).close()
     elif not os.path.exists(args.device):
         raise InvalidArgumentError(f"{args.device}: no such file (give --size to create it)")
-    target = args.header if detached else args.device
-    if not args.quiet and os.path.exists(target):
-        with open(target, "rb") as fh:
-            if fh.read(6) == b"LUKS\xba\xbe":
-                raise InvalidArgumentError(f"{target} already holds a LUKS header: give -q (--batch-mode) to "
-                                           "overwrite it (its data becomes unreadable)")
     if detached:
         if not os.path.exists(args.header):
             FileDevice.create(args.header, p.keyslots_end).close()
