@@ -11,8 +11,8 @@ stored.  Host layout, all appended in one forward pass:
 
 The header is written after everything else, so an interrupted conversion leaves
 a file without the qcow2 magic rather than a half-valid image.  Memory: the L1
-table, the current L2 table, one refcount per host cluster (a few bytes per
-cluster of output) and the windows in flight.
+table, the current L2 table, a 2-byte refcount per host cluster of output, and
+the windows in flight (tens of MiB).
 """
 
 from __future__ import annotations
@@ -623,6 +623,9 @@ class Qcow2Writer:
                 pos = aligned
             # "Compressed Clusters Descriptor": offset, then additional 512-byte sectors beyond the first.
             end = pos + len(blob)
+            if end > self.coffset_mask:
+                raise UnsupportedFeatureError(
+                    f"compressed clusters must lie below host offset {self.coffset_mask + 1} with {cs}-byte clusters")
             extra = (end - 1) // H.COMPRESSED_SECTOR_SIZE - pos // H.COMPRESSED_SECTOR_SIZE
             entries[i] = H.L2E_COMPRESSED | (extra << self.csize_shift) | pos
             first_host = pos // cs
