@@ -270,3 +270,26 @@ def test_crash_at_any_write_leaves_no_corruption(tmp_path, opts):
     limits = sorted(set(list(range(1, min(total, 40))) + list(range(40, total, max(1, total // 25)))))
     for limit in limits:
         assert run(limit)[0]
+
+
+def test_refcount_nonsense_is_corrupt(tmp_path):
+    """A refcount table entry pointing outside the file or unaligned: CorruptImageError on the
+    write that needs it, and nothing written to the image before that."""
+    import struct
+
+    from imageformats.errors import CorruptImageError
+
+    for value, match in (((1 << 45), "outside"), (0x10200, "unaligned")):
+        img = tmp_path / "rc.qcow2"
+        sh("qemu-img", "create", "-f", "qcow2", img, 4 * MiB)
+        with open(img, "r+b") as f:
+            f.seek(48)
+            rt = struct.unpack(">Q", f.read(8))[0]
+            f.seek(rt)
+            f.write(struct.pack(">Q", value))
+        before = img.read_bytes()
+        with pytest.raises(CorruptImageError, match=match):
+            with imageformats.open(str(img), writable=True) as dev:
+                dev.pwrite(b"x" * 70000, 0)
+        assert img.read_bytes()[:65536] == before[:65536]
+        img.unlink()
