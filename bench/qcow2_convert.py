@@ -145,8 +145,9 @@ def main() -> int:
                         os.unlink(path)
                 steps = [("ours", ours), ("qemu", qemu), ("sync", qemu_sync)]
                 for who, fn in steps[run % 3:] + steps[: run % 3]:
-                    if os.path.exists(qemu_out):
-                        os.unlink(qemu_out)
+                    for path in ((ours_out,) if who == "ours" else (qemu_out,)):
+                        if os.path.exists(path):
+                            os.unlink(path)
                     t = timed(fn, who)
                     if who == "ours":
                         t_ours = min(t_ours, t)
