@@ -296,3 +296,19 @@ def test_luks_encrypted(tmp_path):
         imageformats.open(str(img))
     with pytest.raises(WrongPassphraseError):
         imageformats.open(str(img), passphrase=b"wrong")
+
+
+def test_contract(tmp_path):
+    """The shared block-device contract checks, with qemu-img convert -O raw as the oracle."""
+    from contract import check_device
+
+    base = tmp_path / "b.qcow2"
+    raw = tmp_path / "b.raw"
+    raw.write_bytes(os.urandom(300_000) + b"abc" * 300_000)
+    sh("qemu-img", "convert", "-c", "-O", "qcow2", raw, base)
+    img = tmp_path / "c.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", "-o", "extended_l2=on", "-b", base.name, "-F", "qcow2", img.name,
+       2 * MiB, cwd=tmp_path)
+    qemu_io(img.name, "write -P 3 100000 5000", "write -z 1M 64k", cwd=tmp_path)
+    ref = qemu_raw(img, tmp_path)
+    check_device(imageformats.open(str(img)), expected=ref)

@@ -293,3 +293,16 @@ def test_refcount_nonsense_is_corrupt(tmp_path):
                 dev.pwrite(b"x" * 70000, 0)
         assert img.read_bytes()[:65536] == before[:65536]
         img.unlink()
+
+
+def test_contract_writable(tmp_path):
+    from contract import check_device, check_writable
+
+    img = tmp_path / "w.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096", img, 3 * MiB)
+    sh("qemu-io", "-c", "write -P 9 0 1M", img)
+    dev = imageformats.open(str(img), writable=True)
+    check_writable(dev)
+    dev.close()
+    qemu_check(img)
+    check_device(imageformats.open(str(img)), expected=qemu_raw(img, tmp_path))
