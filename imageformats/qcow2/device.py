@@ -15,6 +15,12 @@ from typing import Any, Iterator
 import numpy as np
 import zstandard
 
+try:  # ISA-L inflates raw deflate about twice as fast as zlib; same API, same results
+    from isal import isal_zlib as _inflate_lib
+except ImportError:  # pragma: no cover - isal is a dependency, zlib the fallback
+    _inflate_lib = zlib
+_INFLATE_ERRORS = (zlib.error, _inflate_lib.error)
+
 from ..block import BlockDevice, Extent, FileDevice, SliceDevice
 from ..errors import (
     CorruptImageError,
@@ -1362,7 +1368,7 @@ def _decompress(data: memoryview, cluster_size: int, ctype: int) -> bytes:
     try:
         if ctype == H.COMPRESSION_DEFLATE:
             # "compression_type" 0: raw deflate, no zlib header (qemu writes windowBits -12)
-            d = zlib.decompressobj(-15)
+            d = _inflate_lib.decompressobj(-15)
             out = d.decompress(data, cluster_size)
         else:
             reader = zstandard.ZstdDecompressor().stream_reader(bytes(data), read_across_frames=False)
@@ -1375,7 +1381,7 @@ def _decompress(data: memoryview, cluster_size: int, ctype: int) -> bytes:
                 parts.append(chunk)
                 got += len(chunk)
             out = b"".join(parts)
-    except (zlib.error, zstandard.ZstdError) as exc:
+    except (*_INFLATE_ERRORS, zstandard.ZstdError) as exc:
         raise CorruptImageError(f"qcow2 compressed cluster does not decompress: {exc}") from None
     if len(out) != cluster_size:
         raise CorruptImageError(f"qcow2 compressed cluster decompresses to {len(out)} bytes, not {cluster_size}")
