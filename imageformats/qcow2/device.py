@@ -581,7 +581,7 @@ class Qcow2Device(BlockDevice):
             if kind == T.DATA:
                 self._read_data(view, host, start)
             elif kind == T.ZERO:
-                view[:] = bytes(len(view))
+                _fill_zero(view)
             elif kind == T.UNALLOCATED:
                 self._read_backing(view, start)
             else:
@@ -599,7 +599,7 @@ class Qcow2Device(BlockDevice):
             avail = min(n, dev.size - host)
             dev.readinto(view[:avail], host)
             if avail < n:
-                view[avail:] = bytes(n - avail)  # past the end of the file: zeroes, as qemu reads them
+                _fill_zero(view[avail:])  # past the end of the file: zeroes, as qemu reads them
             return
         a = host & ~511
         b = (host + n + 511) & ~511
@@ -615,12 +615,12 @@ class Qcow2Device(BlockDevice):
         bimg = self.backing_image
         n = len(view)
         if bimg is None or start >= bimg.size:
-            view[:] = bytes(n)
+            _fill_zero(view)
             return
         avail = min(n, bimg.size - start)
         bimg.readinto(view[:avail], start)
         if avail < n:
-            view[avail:] = bytes(n - avail)
+            _fill_zero(view[avail:])
 
     def _read_compressed(self, buf: memoryview, offset: int, items: list[tuple[int, int, int]]) -> None:
         """"Compressed Clusters Descriptor": batch neighbouring compressed data into one read,
@@ -1355,6 +1355,16 @@ class Qcow2Device(BlockDevice):
         if img.bitmaps is not None:
             info["bitmaps"] = img.bitmaps.nb_bitmaps
         return info
+
+
+_ZERO_CHUNK = memoryview(bytes(1 << 20))
+
+
+def _fill_zero(view: memoryview) -> None:
+    """Zero a buffer without allocating its size again."""
+    for pos in range(0, len(view), len(_ZERO_CHUNK)):
+        n = min(len(_ZERO_CHUNK), len(view) - pos)
+        view[pos : pos + n] = _ZERO_CHUNK[:n]
 
 
 def _sector_cipher(name: str, mode: str, key: bytes):
