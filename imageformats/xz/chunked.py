@@ -107,6 +107,7 @@ class _Shared:
         self.prefetch_local = threading.local()
         self.prefetch_handles: list[BlockDevice] = []
         self.last_index = -2
+        self.streak = 0
         self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0}
 
     def close(self) -> None:
@@ -207,25 +208,19 @@ class ChunkedDevice(BlockDevice):
         keeps its one decoded buffer; a chunk with many zero pieces keeps copies
         of its non-zero pieces only.
         """
-        buf = None
-        mv = None
+        outs = []
         pos = 0
         for out in self._decode_chunk(chunk, backing):
-            n = len(out)
-            if pos + n > chunk.usize:
+            pos += len(out)
+            if pos > chunk.usize:
                 raise CorruptImageError(
                     f"{self.format_name} chunk {chunk.index} decodes to more than the {chunk.usize} bytes its index records")
-            if pos == 0 and n == chunk.usize:
-                buf = out  # one piece of output: no copy
-            else:
-                if mv is None:
-                    buf = bytearray(chunk.usize)
-                    mv = memoryview(buf)
-                mv[pos:pos + n] = out
-            pos += n
+            outs.append(out)
         if pos != chunk.usize:
             raise CorruptImageError(
                 f"{self.format_name} chunk {chunk.index} decodes to {pos} bytes, its index records {chunk.usize}")
+        buf = outs[0] if len(outs) == 1 else b"".join(outs)  # one copy at most (cheaper than a bytearray)
+        del outs
         whole = memoryview(buf).toreadonly()
         data_map = _piece_map(whole)
         pieces = []
@@ -348,9 +343,14 @@ class ChunkedDevice(BlockDevice):
         if shared.readahead <= 0:
             return
         with shared.lock:
-            sequential = index in (shared.last_index, shared.last_index + 1)
+            # Sequential = a streak of reads each in the same chunk as the previous read or the
+            # next one.  Random reads rarely make a streak of two, so they waste no decoding.
+            if index in (shared.last_index, shared.last_index + 1):
+                shared.streak += 1
+            else:
+                shared.streak = 0
             shared.last_index = index
-            if not sequential:
+            if shared.streak < 2:
                 return
             wanted = [
                 i for i in range(index + 1, min(index + 1 + shared.readahead, len(shared.chunks)))
