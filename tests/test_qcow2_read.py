@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from qcow2_oracle import check_image, qemu_raw, sh
+from test_http import nginx  # noqa: F401  (fixture: a real nginx on loopback)
 
 import imageformats
 from imageformats.errors import InvalidArgumentError
@@ -312,3 +313,21 @@ def test_contract(tmp_path):
     qemu_io(img.name, "write -P 3 100000 5000", "write -z 1M 64k", cwd=tmp_path)
     ref = qemu_raw(img, tmp_path)
     check_device(imageformats.open(str(img)), expected=ref)
+
+
+
+def test_backing_chain_over_http(tmp_path, nginx):
+    """A qcow2 read over HTTP (a real nginx): its relative backing file comes from the same URL directory."""
+    www = nginx.www / "q"
+    www.mkdir(exist_ok=True)
+    base = www / "base.qcow2"
+    raw = tmp_path / "b.raw"
+    raw.write_bytes(os.urandom(200_000) + b"base" * 200_000)
+    sh("qemu-img", "convert", "-c", "-O", "qcow2", raw, base)
+    top = www / "top.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.name, 2 * MiB, cwd=www)
+    qemu_io(top.name, "write -P 0x66 300000 10000", cwd=www)
+    ref = qemu_raw(top, tmp_path)
+    with imageformats.open(f"{nginx.url}/q/top.qcow2") as dev:
+        assert dev.pread(dev.size, 0) == ref
+        assert dev.backing_image.format_name == "qcow2"

@@ -67,6 +67,14 @@ def _leaf_path(dev: BlockDevice) -> str | None:
     return None
 
 
+def _leaf_url(dev: BlockDevice) -> str | None:
+    for layer in dev.layers():
+        url = getattr(layer, "url", None) or getattr(getattr(layer, "_s", None), "url", None)
+        if isinstance(url, str) and "://" in url:
+            return url
+    return None
+
+
 class _Image:
     """State shared by a device and its clones: parsed header, caches, the metadata lock."""
 
@@ -391,6 +399,11 @@ class Qcow2Device(BlockDevice):
             return name
         base = options.get("base_dir")
         if base is None:
+            url = _leaf_url(self.backing)
+            if url is not None:  # an image read over HTTP: its backing file is next to it
+                import urllib.parse
+
+                return urllib.parse.urljoin(url, name)
             leaf = _leaf_path(self.backing)
             base = os.path.dirname(leaf) if leaf else os.getcwd()
         return os.path.join(base, name)
