@@ -254,3 +254,25 @@ def test_random_metadata_damage(tmp_path_factory, flips):
     except ImageFormatError:
         pass
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_cosmic_rays_under_compressed_image(tmp_path, ctype):
+    """Bit flips in every read (the evil layer): our own errors or (possibly wrong) data, never a
+    crash of another kind, a hang or an unbounded allocation."""
+    raw = tmp_path / "s.raw"
+    raw.write_bytes(b"cosmic " * 300_000)
+    img = tmp_path / "c.qcow2"
+    sh("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype},cluster_size=16384", raw, img)
+    outcomes = set()
+    t0 = time.monotonic()
+    for seed in range(25):
+        try:
+            with Qcow2Device(EvilDevice(FileDevice(str(img)), cosmic_rays=2e-5, seed=seed)) as dev:
+                data = dev.pread(dev.size, 0)
+                list(dev.extents(dev.size, 0))
+                outcomes.add("same" if data == raw.read_bytes()[: len(data)] else "different")
+        except ImageFormatError as exc:
+            outcomes.add(type(exc).__name__)
+    assert time.monotonic() - t0 < 30
+    assert "CorruptImageError" in outcomes  # the damage was noticed at least once
