@@ -36,6 +36,7 @@ import json
 import os
 import struct
 import threading
+import zlib
 from typing import Any
 
 from ..block import BlockDevice, FileDevice, MiB
@@ -346,10 +347,24 @@ class GzipDevice(BlockDevice):
                     n = stop - pos
                     self._read_inflated(r, buf[pos - offset : pos - offset + n], pos)
                 pos += n
+            if not s.pending:
+                self._check_whole_members(buf, offset)
             for u, data in s.pending:
                 lo, hi = max(u, offset), min(u + len(data), end)
                 if lo < hi:
                     buf[lo - offset : hi - offset] = data[lo - u : hi - u]
+
+    def _check_whole_members(self, buf: memoryview, offset: int) -> None:
+        # RFC 1952 2.2/2.3.1: a read that covers a whole member is checked against its CRC-32
+        ms = self._s.layout.members
+        end = offset + len(buf)
+        i = self._s.layout.member_at(offset)
+        while i < len(ms) and ms[i].uend <= end:
+            m = ms[i]
+            if m.ustart >= offset and m.usize and zlib.crc32(buf[m.ustart - offset : m.uend - offset]) != m.crc:
+                raise CorruptImageError(
+                    f"gzip member at file offset {m.offset}: CRC-32 of the data read does not match its trailer")
+            i += 1
 
     def _read_stored(self, run: StoredRun, dst: memoryview, u: int) -> None:
         done = 0
