@@ -51,3 +51,39 @@ def test_fuzz(corpus, name):
         H.exercise(seed, bytes(H.apply(seed.data, seed, muts)))
 
     run()
+
+
+def test_regression_qcow2_backing_name_with_nul(corpus):
+    """Found by the fuzzer: a backing file name holding a NUL byte escaped as ValueError from os.path."""
+    import struct
+
+    from imageformats.errors import CorruptImageError
+
+    data = bytearray(corpus["tiny.qcow2"].data)
+    name = b"base\0.qcow2"
+    struct.pack_into(">QI", data, 8, 4096 - 64, len(name))  # backing_file_offset, backing_file_size
+    data[4096 - 64:4096 - 64 + len(name)] = name
+    from imageformats import detect
+
+    with pytest.raises(CorruptImageError, match="NUL"):
+        detect.open(H.RecordingDevice(bytes(data)), format="qcow2")
+
+
+def test_luks_iteration_cap_is_a_corrupt_image_error(corpus):
+    """Found by the fuzzer: a hostile PBKDF2 count makes unlocking take minutes; above the cap
+    (keyslots.MAX_ITERATIONS) it is refused quickly with CorruptImageError."""
+    import struct
+    import time
+
+    from imageformats import detect
+    from imageformats.errors import CorruptImageError
+    from imageformats.luks1 import keyslots
+
+    seed = corpus["luks1.img"]
+    data = bytearray(seed.data)
+    struct.pack_into(">I", data, 208 + 4, 0xFFFFFFFF)  # key slot 0 iterations
+    t = time.monotonic()
+    with pytest.raises(CorruptImageError, match="iteration"):
+        detect.open(H.RecordingDevice(bytes(data)), format="luks", passphrase=H.PASSPHRASE)
+    assert time.monotonic() - t < 5
+    assert keyslots.MAX_ITERATIONS <= 100_000_000

@@ -67,6 +67,13 @@ def _leaf_path(dev: BlockDevice) -> str | None:
     return None
 
 
+class _View(SliceDevice):
+    """A window on the qcow2 file that does not own (close) it."""
+
+    def close(self) -> None:
+        self._closed = True
+
+
 def _leaf_url(dev: BlockDevice) -> str | None:
     for layer in dev.layers():
         url = getattr(layer, "url", None) or getattr(getattr(layer, "_s", None), "url", None)
@@ -393,8 +400,14 @@ class Qcow2Device(BlockDevice):
         img.l1_size = entries
 
     def _resolve(self, name: str, options: dict[str, Any]) -> str:
+        if "\0" in name:
+            raise CorruptImageError(f"qcow2 backing/data file name {name!r} contains a NUL byte")
         if name.startswith("json:"):
             raise UnsupportedFeatureError("qcow2 file names in json: syntax are not supported")
+        remote = _leaf_url(self.backing)
+        if remote is not None and (os.path.isabs(name) or ("://" in name and not name.startswith(("http://", "https://")))):
+            # a remote image must not make us read local files (and serve them to NBD clients)
+            raise UnsupportedFeatureError(f"qcow2 image read from a URL names a local file {name!r}; refusing it")
         if "://" in name or os.path.isabs(name):
             return name
         base = options.get("base_dir")
@@ -460,11 +473,8 @@ class Qcow2Device(BlockDevice):
             from ..errors import SecretRequiredError
 
             raise SecretRequiredError("the qcow2 image is LUKS-encrypted: give a passphrase, key file or volume key")
-        hdr_dev = SliceDevice(self.backing.clone() if hasattr(self.backing, "clone") else self.backing, ch.offset, ch.length)
-        try:
-            luks, key = unlock(hdr_dev, **secret)
-        finally:
-            hdr_dev.close()
+        hdr_dev = _View(self.backing, ch.offset, ch.length)
+        luks, key = unlock(hdr_dev, **secret)
         img.luks = luks
         img.cipher_desc = f"{luks.cipher_name}-{luks.cipher_mode}"
         self._cipher = _sector_cipher(luks.cipher_name, luks.cipher_mode, key)
