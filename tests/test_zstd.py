@@ -270,3 +270,22 @@ def test_raw_zst_stacking_and_qcow2(tmp_path):
     out = tmp_path / "back.raw"
     run("imageformats", "convert", "-O", "raw", zst, out)
     assert out.read_bytes() == oracle.read_bytes()
+
+
+def test_seekable_large_frames_spill_and_verify(tmp_path, source):
+    """Frames bigger than max_chunk_memory (pyzstd's default is 1 GiB frames) stream into the spill file."""
+    path = tmp_path / "big.zst"
+    oracle = pyzstd_file(path, source[1], 1 * MiB, checksum=True)
+    with ZstdDevice(FileDevice(path), max_chunk_memory=256 * KiB, tmpdir=str(tmp_path)) as dev:
+        random_reads(dev, oracle, n=30)
+        info = dev.layer_info()
+        assert info["spilled-chunks"] == info["frames"] == 3 and info["cache-used"] == 0
+    data = bytearray(path.read_bytes())
+    with ZstdDevice(FileDevice(path)) as dev:
+        frame1 = dev._shared.chunks[1]
+    data[frame1.cstart + frame1.csize // 2] ^= 0x20
+    with ZstdDevice(MemoryDevice(bytes(data), writable=False), max_chunk_memory=256 * KiB,
+                    tmpdir=str(tmp_path)) as dev:
+        assert dev.pread(100, 0) == oracle[:100]
+        with pytest.raises(CorruptImageError):
+            dev.pread(100, MiB + 10)
