@@ -331,3 +331,16 @@ def test_backing_chain_over_http(tmp_path, nginx):
     with imageformats.open(f"{nginx.url}/q/top.qcow2") as dev:
         assert dev.pread(dev.size, 0) == ref
         assert dev.backing_image.format_name == "qcow2"
+
+
+def test_remote_image_cannot_name_local_files(tmp_path, nginx):
+    www = nginx.www / "q2"
+    www.mkdir(exist_ok=True)
+    local = tmp_path / "secret.raw"
+    local.write_bytes(b"local secret" * 1000)
+    top = www / "evil.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", "-u", "-b", str(local), "-F", "raw", top, MiB)
+    from imageformats.errors import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError, match="local file"):
+        imageformats.open(f"{nginx.url}/q2/evil.qcow2")
