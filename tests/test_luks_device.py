@@ -162,3 +162,17 @@ def test_registered_format(volume_bytes):
     with detect.open(MemoryDevice(bytearray(volume_bytes)), passphrase=PASSPHRASE) as dev:
         assert dev.format_name == "luks"
         assert isinstance(dev.backing, BlockDevice)
+
+
+def test_backing_errors_surface(volume_bytes):
+    """An EIO in the payload is reported, never turned into (wrongly decrypted) data; the header still opens."""
+    from imageformats.errors import DeviceIOError
+    from imageformats.testing.evil import EvilDevice
+
+    mem = MemoryDevice(bytearray(volume_bytes))
+    off = LuksDevice(mem.clone(), passphrase=PASSPHRASE).payload_offset
+    with LuksDevice(EvilDevice(mem, eio=((off + 8192, 512),)), passphrase=PASSPHRASE) as dev:
+        assert dev.pread(8192, 0) == LuksDevice(mem.clone(), passphrase=PASSPHRASE).pread(8192, 0)
+        with pytest.raises(DeviceIOError):
+            dev.pread(100, 8200)
+
