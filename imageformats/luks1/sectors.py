@@ -14,6 +14,7 @@ not one per sector).  OpenSSL does the AES, numpy the XORs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -128,23 +129,37 @@ _SH = np.uint64(63) - _J
 _U1, _U2, _U7 = np.uint64(1), np.uint64(2), np.uint64(7)
 
 
-def _xts_tweaks(t0: np.ndarray, out: np.ndarray, o: np.ndarray, t: np.ndarray, lo_out: np.ndarray,
-                hi_out: np.ndarray) -> None:
+@functools.lru_cache(maxsize=4)
+def _shift_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(j, 63 - j) for every block j of n sectors, as contiguous (n, 32) arrays (read-only, shared)."""
+    j = np.ascontiguousarray(np.broadcast_to(_J, (n, _BLOCKS_PER_SECTOR)))
+    sh = np.ascontiguousarray(np.broadcast_to(_SH, (n, _BLOCKS_PER_SECTOR)))
+    j.flags.writeable = False
+    sh.flags.writeable = False
+    return j, sh
+
+
+def _xts_tweaks(t0: np.ndarray, out: np.ndarray, st: "_Scratch", n: int) -> None:
     """out[i, j] = t0[i] * alpha^j for j < 32, as little-endian (lo, hi) uint64 pairs.
 
     Multiplying by x^j shifts the 128-bit value left by j bits; the j bits pushed out of the
     top come back reduced by x^128 = x^7 + x^2 + x + 1 (a carry-less multiply by 0x87, which
-    for j < 32 never overflows the low word).  ``o``, ``t``, ``lo_out``, ``hi_out`` are (n, 32)
-    scratch arrays: computing into contiguous arrays and interleaving once is faster than
-    writing the strided halves of ``out`` directly.
+    for j < 32 never overflows the low word).  Every operation runs on contiguous (n, 32)
+    arrays (broadcasting against a (32,) shift vector is 3x slower in numpy), and the two
+    halves are interleaved into ``out`` once at the end.
     """
-    lo = t0[:, 0:1]
-    hi = t0[:, 1:2]
-    np.right_shift(hi >> _U1, _SH, out=o)  # the top j bits of hi (j = 0 gives 0)
-    np.right_shift(lo >> _U1, _SH, out=t)  # the top j bits of lo
-    np.left_shift(hi, _J, out=hi_out)
+    jj, sh = _shift_tables(max(n, CHUNK_SECTORS))  # one table for every request size: slice it
+    jj, sh = jj[:n], sh[:n]
+    hr, lr, o, t, lo_out, hi_out = st.hr[:n], st.lr[:n], st.o[:n], st.t[:n], st.lo[:n], st.hi[:n]
+    hr[:] = t0[:, 1:2]
+    lr[:] = t0[:, 0:1]
+    np.right_shift(hr, _U1, out=o)
+    np.right_shift(o, sh, out=o)  # the top j bits of hi (j = 0 gives 0)
+    np.right_shift(lr, _U1, out=t)
+    np.right_shift(t, sh, out=t)  # the top j bits of lo
+    np.left_shift(hr, jj, out=hi_out)
     np.bitwise_or(hi_out, t, out=hi_out)
-    np.left_shift(lo, _J, out=lo_out)
+    np.left_shift(lr, jj, out=lo_out)
     np.bitwise_xor(lo_out, o, out=lo_out)
     np.left_shift(o, _U1, out=t)
     np.bitwise_xor(lo_out, t, out=lo_out)
@@ -178,6 +193,8 @@ class _Scratch:
         self.t = np.empty((n, _BLOCKS_PER_SECTOR), np.uint64)
         self.lo = np.empty((n, _BLOCKS_PER_SECTOR), np.uint64)
         self.hi = np.empty((n, _BLOCKS_PER_SECTOR), np.uint64)
+        self.hr = np.empty((n, _BLOCKS_PER_SECTOR), np.uint64)
+        self.lr = np.empty((n, _BLOCKS_PER_SECTOR), np.uint64)
         self.tmp = np.empty(n * _WORDS_PER_SECTOR, np.uint64)
         self.out = bytearray(n * SECTOR_SIZE + _BLOCK)
         self.col = np.empty((n, 2), np.uint64)
@@ -326,7 +343,7 @@ class SectorCipher:
         st.tweak.update_into(memoryview(iv).cast("B"), st.iv_out)
         t0 = np.frombuffer(st.iv_out, np.uint64, count=2 * n).reshape(n, 2)
         tw = st.tweaks[:n]
-        _xts_tweaks(t0, tw, st.o[:n], st.t[:n], st.lo[:n], st.hi[:n])
+        _xts_tweaks(t0, tw, st, n)
         tw = tw.reshape(words)
         data = np.frombuffer(mv, np.uint64)
         tmp = st.tmp[:words]
