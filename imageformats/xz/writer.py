@@ -174,7 +174,7 @@ def write_xz(src: BlockDevice, dst_path: str, options: dict[str, Any], progress=
 
             for offset in offsets:
                 pending.append(pool.submit(job, offset, min(bs, src.size - offset)))
-                if len(pending) >= threads * 2:
+                if len(pending) >= threads * 4:  # a slow Block at the head must not idle the others
                     drain_one()
             while pending:
                 drain_one()

@@ -121,7 +121,7 @@ def write_zstd(src: BlockDevice, dst_path: str, options: dict[str, Any], progres
 
             for offset in range(0, src.size, fs):
                 pending.append(pool.submit(job, offset, min(fs, src.size - offset)))
-                if len(pending) >= threads * 2:
+                if len(pending) >= threads * 4:  # a slow Block at the head must not idle the others
                     drain_one()
             while pending:
                 drain_one()
