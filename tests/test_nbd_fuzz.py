@@ -131,3 +131,72 @@ def test_random_options_never_break_the_server(tmp_path, options):
         c2.handshake()
         assert c2.go("m")[0] == 4096
         c2.close()
+
+
+def _valid_stream() -> bytes:
+    """A whole well-formed client conversation: flags, options, GO, then READ, WRITE, BLOCK_STATUS, DISC."""
+    nm = b"m"
+    q = P.BASE_ALLOCATION.encode()
+    out = P.CLIENT_FLAGS.pack(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES)
+    out += P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_STRUCTURED_REPLY, 0)
+    meta = struct.pack(">I", len(nm)) + nm + struct.pack(">II", 1, len(q)) + q
+    out += P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_SET_META_CONTEXT, len(meta)) + meta
+    go = struct.pack(">I", len(nm)) + nm + struct.pack(">HH", 1, P.NBD_INFO_BLOCK_SIZE)
+    out += P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_GO, len(go)) + go
+    out += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, 1, 512, 4096)
+    out += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, 2, 0, 512) + b"\x55" * 512
+    out += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_BLOCK_STATUS, 3, 0, 8192)
+    out += P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_DISC, 4, 0, 0)
+    return out
+
+
+BOUNDARY32 = [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xFFFFFFF0, 4096, 65536, 1 << 25]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(muts=st.lists(st.tuples(st.sampled_from(["flip", "word", "cut", "dup"]), st.integers(0, 10_000),
+                               st.integers(0, 255)), min_size=1, max_size=4))
+def test_mutated_client_streams_never_hang_or_write_a_readonly_export(tmp_path, muts):
+    """Byte flips, 32-bit fields set to boundary values, truncations and duplicated runs of a whole
+    client conversation, sent at once (then EOF): the server answers or closes within its handshake
+    timeout, never writes to a read-only export, and still serves a well-behaved client afterwards."""
+    import socket
+
+    stream = bytearray(_valid_stream())
+    for kind, pos, val in muts:
+        if not stream:
+            break
+        pos %= len(stream)
+        if kind == "flip":
+            stream[pos] ^= 1 << (val & 7)
+        elif kind == "word":
+            pos -= pos % 4
+            stream[pos:pos + 4] = BOUNDARY32[val % len(BOUNDARY32)].to_bytes(4, "big")
+        elif kind == "cut":
+            del stream[pos:]
+        else:
+            stream[pos:pos] = stream[pos:pos + val]
+    content = bytes(range(256)) * 64
+    dev = MemoryDevice(bytearray(content), writable=False)
+    path = str(tmp_path / f"f{os.getpid()}-{id(muts)}")
+    with ServerThread([Export("m", dev)], path, handshake_timeout=3) as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(8)
+        s.connect(path)
+        try:
+            s.sendall(bytes(stream))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):  # the server must finish (answer, then close) -- a timeout fails the test
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            s.close()
+        assert bytes(dev.data) == content
+        c = RawClient(srv.sock_path, timeout=5)
+        c.handshake()
+        assert c.go("m", structured=False, meta=False)[0] == len(content)
+        c.request(P.NBD_CMD_READ, 100, 1000)
+        err, _, data = c.simple_reply(1000)
+        assert err == 0 and data == content[100:1100]
+        c.close()
