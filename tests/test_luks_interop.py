@@ -67,6 +67,7 @@ CRYPTSETUP_MATRIX = [
     ("aes-cbc-essiv:sha256", 128, "sha512", True),
     ("aes-cbc-plain64", 128, "sha1", True),
     ("aes-cbc-plain", 256, "ripemd160", True),
+    ("aes-cbc-plain64", 256, "sha384", True),
     # modes qemu cannot open: cryptsetup's key-slot encryption is the oracle for these
     ("aes-ecb", 256, "sha256", False),
     ("aes-cbc-plain64be", 256, "sha256", False),
