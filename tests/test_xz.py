@@ -376,3 +376,14 @@ def test_serve_qcow2_xz_over_nbd(tmp_path):
     out = tmp_path / "out.raw"
     run("imageformats", "serve", xzpath, "--run", f'nbdcopy "$uri" {out}')
     assert out.read_bytes() == oracle.read_bytes()
+
+
+def test_block_count_cap(tmp_path, source, monkeypatch):
+    """A hostile Index cannot make us build millions of Block records (the cap is 4 Mi)."""
+    import imageformats.xz.device as xzdev
+    path, _ = xz_file(tmp_path, source, "-T2", "--block-size=512KiB", "-0")  # 6 Blocks
+    monkeypatch.setattr(xzdev, "MAX_CHUNKS", 5)
+    with pytest.raises(UnsupportedFeatureError, match="more than 5 Blocks"):
+        XzDevice(FileDevice(path))
+    monkeypatch.setattr(xzdev, "MAX_CHUNKS", 6)
+    XzDevice(FileDevice(path)).close()

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import imageformats
 from imageformats.block import FileDevice, MemoryDevice
-from imageformats.errors import CorruptImageError, ImageFormatError, InvalidArgumentError
+from imageformats.errors import CorruptImageError, ImageFormatError, InvalidArgumentError, UnsupportedFeatureError
 from imageformats.testing.evil import EvilDevice
 from imageformats.testing.sparse_random import SparseRandomDevice
 from imageformats.zstd import ZstdDevice, write_zstd
@@ -289,3 +289,16 @@ def test_seekable_large_frames_spill_and_verify(tmp_path, source):
         assert dev.pread(100, 0) == oracle[:100]
         with pytest.raises(CorruptImageError):
             dev.pread(100, MiB + 10)
+
+
+def test_frame_count_cap(tmp_path, source, monkeypatch):
+    import imageformats.zstd.device as zdev
+    path = ours(tmp_path, source[1], frame="1M")  # 3 frames
+    monkeypatch.setattr(zdev, "MAX_CHUNKS", 2)
+    with pytest.raises(UnsupportedFeatureError, match="3 frames"):
+        ZstdDevice(FileDevice(path))
+    plain = tmp_path / "cat.zst"
+    one = run("zstd", "-q", "-c", "-1", source[0]).stdout
+    plain.write_bytes(one * 3)
+    with pytest.raises(UnsupportedFeatureError, match="more than 2 frames"):
+        ZstdDevice(FileDevice(plain))

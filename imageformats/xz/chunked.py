@@ -53,6 +53,9 @@ PIECE = 256 * 1024
 DEFAULT_CACHE_SIZE = 256 * MiB
 #: Default largest chunk decoded into memory; bigger chunks are spilled to a temporary file.
 DEFAULT_MAX_CHUNK_MEMORY = 64 * MiB
+#: Most chunks (Blocks, frames) a device accepts: 4 Mi = 1 TiB in 256 KiB chunks.  Each costs
+#: about 150 bytes of memory, so a hostile index cannot make us allocate gigabytes.
+MAX_CHUNKS = 1 << 22
 #: How many chunks are decoded ahead of a sequential reader.
 DEFAULT_READAHEAD = 2
 

@@ -27,7 +27,7 @@ from typing import Any
 from ..block import BlockDevice, MiB
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import header as h
-from .chunked import Chunk, ChunkedDevice
+from .chunked import MAX_CHUNKS, Chunk, ChunkedDevice
 
 #: Largest Index (per Stream) read into memory.
 MAX_INDEX_BYTES = 64 * MiB
@@ -78,7 +78,14 @@ def parse_streams(backing: BlockDevice) -> tuple[list[Chunk], list[dict[str, Any
         if backward_size > MAX_INDEX_BYTES:
             raise UnsupportedFeatureError(f"xz Index of {backward_size} bytes is larger than the "
                                           f"{MAX_INDEX_BYTES} byte limit")
-        records = h.parse_index(backing.pread(backward_size, index_start), max_records=backward_size // 2)
+        left = MAX_CHUNKS - sum(len(s["records"]) for s in streams)
+        index_bytes = backing.pread(backward_size, index_start)
+        try:
+            records = h.parse_index(index_bytes, max_records=min(backward_size // 2, left))
+        except CorruptImageError:
+            if h.parse_index_count(index_bytes) > left:
+                raise UnsupportedFeatureError(f"xz file has more than {MAX_CHUNKS} Blocks") from None
+            raise
         blocks_size = sum(h.round4(unpadded) for unpadded, _ in records)
         stream_start = index_start - blocks_size - h.STREAM_HEADER_SIZE
         if stream_start < 0:

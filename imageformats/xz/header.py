@@ -271,6 +271,14 @@ def parse_index(data: bytes, max_records: int) -> list[tuple[int, int]]:
     return records
 
 
+def parse_index_count(data: bytes) -> int:
+    """4.2 Number of Records of an Index (0 when unreadable)."""
+    try:
+        return decode_vlis(data, 1, len(data), None)[0][0]
+    except CorruptImageError:
+        return 0
+
+
 def build_index(records: list[tuple[int, int]]) -> bytes:
     out = bytearray(b"\x00" + encode_vli(len(records)))  # IndexBody (built by hand for speed)
     for unpadded, uncompressed in records:

@@ -26,7 +26,7 @@ import zstandard
 
 from ..block import BlockDevice, MiB
 from ..errors import CorruptImageError, DeviceIOError, UnsupportedFeatureError
-from ..xz.chunked import PIECE, Chunk, ChunkedDevice, _piece_map, _pwrite_all
+from ..xz.chunked import MAX_CHUNKS, PIECE, Chunk, ChunkedDevice, _piece_map, _pwrite_all
 from . import header as h
 
 _OUTPUT_CHUNK = 4 * MiB
@@ -60,7 +60,7 @@ def _read_seek_table(backing: BlockDevice):
         return None
     tail = backing.pread(min(size, 64 * 1024), size - min(size, 64 * 1024))
     try:
-        return h.parse_seek_table(tail, size)
+        return h.parse_seek_table(tail, size, MAX_CHUNKS)
     except ValueError as exc:
         if isinstance(exc, CorruptImageError):
             raise
@@ -69,7 +69,7 @@ def _read_seek_table(backing: BlockDevice):
             raise CorruptImageError("zstd seek table is larger than the file") from None
         if need > 256 * MiB:
             raise UnsupportedFeatureError(f"zstd seek table of {need} bytes is too large") from None
-        return h.parse_seek_table(backing.pread(need, size - need), size)
+        return h.parse_seek_table(backing.pread(need, size - need), size, MAX_CHUNKS)
 
 
 class ZstdDevice(ChunkedDevice):
@@ -132,6 +132,8 @@ class ZstdDevice(ChunkedDevice):
             if content:
                 if stop - pos > compress_bound(content) + 64 * 1024:
                     raise CorruptImageError(f"zstd frame at {pos}: {stop - pos} bytes for {content} is impossible")
+            if len(chunks) >= MAX_CHUNKS:
+                raise UnsupportedFeatureError(f"zstd file has more than {MAX_CHUNKS} frames")
             chunks.append(Chunk(len(chunks), upos, content, pos, stop - pos, None))
             upos += content
             pos = stop

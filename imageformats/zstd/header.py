@@ -136,7 +136,7 @@ def walk_frame(read, offset: int, end: int) -> tuple[int, int | None, bool]:
     return pos, content, checksum
 
 
-def parse_seek_table(tail: bytes, file_size: int) -> tuple[int, bool, list[tuple[int, int, int | None]]] | None:
+def parse_seek_table(tail: bytes, file_size: int, max_frames: int = MAX_FRAMES) -> tuple[int, bool, list[tuple[int, int, int | None]]] | None:
     """Seek Table at the end of a file: (table frame offset, has checksums, [(csize, dsize, checksum)]).
 
     ``tail`` is the last bytes of the file (at least the footer; the whole table
@@ -152,6 +152,8 @@ def parse_seek_table(tail: bytes, file_size: int) -> tuple[int, bool, list[tuple
     esize = 12 if ftr.descriptor.checksum else 8
     if ftr.frames > MAX_FRAMES:
         raise CorruptImageError(f"zstd seek table claims {ftr.frames} frames")
+    if ftr.frames > max_frames:
+        raise UnsupportedFeatureError(f"zstd seek table has {ftr.frames} frames, more than the {max_frames} supported")
     table = ftr.frames * esize + SEEK_TABLE_FOOTER_SIZE
     start = file_size - table - 8
     if start < 0:
