@@ -192,7 +192,28 @@ def apply(data: bytes, seed: Seed, muts) -> bytearray:
         elif kind == "zero":
             pos, ln = _pos(n, m[1]), m[2] % 65536 + 1
             buf[pos:pos + ln] = bytes(min(ln, n - pos))
+        elif kind == "fixcrc" and seed.fmt == "xz":
+            _xz_fix_crcs(buf)
     return buf
+
+
+def _xz_fix_crcs(buf: bytearray) -> None:
+    """Recompute the CRC32s of the xz stream header, first block header, index and footer (xz-file-format
+    2.1.1.3, 2.1.2.2, 3.2.7, 4.4) so mutations of their fields reach the parser instead of the CRC check."""
+    import zlib
+
+    n = len(buf)
+    if n < 24:
+        return
+    buf[8:12] = zlib.crc32(buf[6:8]).to_bytes(4, "little")
+    hsize = (buf[12] + 1) * 4
+    if buf[12] and 12 + hsize <= n:
+        buf[12 + hsize - 4:12 + hsize] = zlib.crc32(buf[12:12 + hsize - 4]).to_bytes(4, "little")
+    backward = (int.from_bytes(buf[n - 8:n - 4], "little") + 1) * 4
+    start = n - 12 - backward
+    if 12 <= start and backward >= 8:
+        buf[n - 16:n - 12] = zlib.crc32(buf[start:n - 16]).to_bytes(4, "little")
+    buf[n - 12:n - 8] = zlib.crc32(buf[n - 8:n - 2]).to_bytes(4, "little")
 
 
 def _pos(n: int, key: int) -> int:
@@ -224,6 +245,8 @@ def random_mutations(rng: random.Random) -> list:
             muts.append(("splice", rng.getrandbits(40), rng.getrandbits(40), rng.getrandbits(16)))
         else:
             muts.append(("zero", rng.getrandbits(40), rng.getrandbits(16)))
+    if rng.random() < 0.5:
+        muts.append(("fixcrc",))
     return muts
 
 
@@ -240,6 +263,7 @@ def mutation_strategy():
         st.tuples(st.just("truncate"), pos),
         st.tuples(st.just("splice"), pos, pos, st.integers(0, 65535)),
         st.tuples(st.just("zero"), pos, st.integers(0, 65535)),
+        st.just(("fixcrc",)),
     )
     return st.lists(one, min_size=1, max_size=6)
 
