@@ -10,7 +10,6 @@ with CMD's status (nbdkit --run).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 import urllib.parse
 
 from ..errors import InvalidArgumentError
-from ..nbd.server import DEFAULT_MAX_PAYLOAD, Export, NBDServer, tls_context_psk, tls_context_x509
+from ..nbd.protocol import DEFAULT_MAX_PAYLOAD
 from .common import add_secret_arguments, open_image, parse_size
 
 SD_LISTEN_FDS_START = 3
@@ -100,6 +99,12 @@ def _uri(address, export: str, tls: bool = False) -> str:
 
 
 def run(args) -> int:
+    # The server (asyncio, ssl, threads) is imported here, not at parser build time:
+    # every other command would pay for it on start-up.
+    import asyncio
+
+    from ..nbd.server import Export, tls_context_psk, tls_context_x509
+
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="imageformats serve: %(message)s")
     tls = None
@@ -111,7 +116,7 @@ def run(args) -> int:
         else:
             raise InvalidArgumentError("--tls needs --tls-certificates DIR or --tls-psk FILE")
     names = _export_names(args)
-    exports: list[Export] = []
+    exports: list = []
     try:
         for path, name in zip(args.images, names):
             dev = open_image(args, path, writable=args.writable, fmt=args.format)
@@ -122,7 +127,11 @@ def run(args) -> int:
             exp.device.close()
 
 
-async def _serve(args, exports: list[Export], tls) -> int:
+async def _serve(args, exports: list, tls) -> int:
+    import asyncio
+
+    from ..nbd.server import NBDServer
+
     server = NBDServer(exports, max_payload=args.max_payload, max_inflight=args.max_inflight,
                        workers=args.workers, threads=args.threads, tls=tls, tls_required=args.tls == "require")
     loop = asyncio.get_running_loop()

@@ -3,6 +3,13 @@
     from imageformats.nbd import NBDServer, Export
 """
 
-from .server import Export, NBDServer
-
 __all__ = ["NBDServer", "Export"]
+
+
+def __getattr__(name: str):
+    # Lazy (PEP 562): importing imageformats.nbd.protocol must not start up asyncio and ssl.
+    if name in __all__:
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

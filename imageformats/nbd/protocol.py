@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno as _errno
 import struct
 
+#: Largest READ/WRITE payload by default ("Size constraints": 2^25 is what clients expect).
+DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+
 # -- "Newstyle negotiation" / "Fixed newstyle negotiation" ----------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"

@@ -38,8 +38,7 @@ from . import protocol as P
 log = logging.getLogger("imageformats.nbd")
 
 MiB = 1024 * 1024
-#: Largest READ/WRITE payload by default ("Size constraints": 2^25 is what clients expect).
-DEFAULT_MAX_PAYLOAD = 32 * MiB
+DEFAULT_MAX_PAYLOAD = P.DEFAULT_MAX_PAYLOAD
 #: Requests in flight per connection.
 DEFAULT_MAX_INFLIGHT = 16
 #: Device handles (threads working at once) per connection.
