@@ -222,19 +222,36 @@ class ChunkedDevice(BlockDevice):
         if pos != chunk.usize:
             raise CorruptImageError(
                 f"{self.format_name} chunk {chunk.index} decodes to {pos} bytes, its index records {chunk.usize}")
-        buf = outs[0] if len(outs) == 1 else b"".join(outs)  # one copy at most (cheaper than a bytearray)
-        del outs
-        whole = memoryview(buf).toreadonly()
-        data_map = _piece_map(whole)
+        # Cut the decoded outputs into PIECE-sized views without joining them (a 16 MiB join
+        # is a copy plus thousands of page faults); a piece straddling two outputs is copied.
         pieces = []
         zero = 0
-        for i, start in enumerate(range(0, chunk.usize, PIECE)):
-            piece = whole[start:start + PIECE]
-            if data_map[i]:
+        views = [memoryview(o).toreadonly() for o in outs]
+        del outs
+        vi = vo = 0  # current output, offset in it
+        for start in range(0, chunk.usize, PIECE):
+            n = min(PIECE, chunk.usize - start)
+            if len(views[vi]) - vo >= n:
+                piece = views[vi][vo:vo + n]
+                vo += n
+            else:
+                parts = []
+                need = n
+                while need:
+                    take = min(need, len(views[vi]) - vo)
+                    parts.append(views[vi][vo:vo + take])
+                    vo += take
+                    need -= take
+                    if vo == len(views[vi]) and need:
+                        vi, vo = vi + 1, 0
+                piece = memoryview(b"".join(parts)).toreadonly()
+            if vi < len(views) - 1 and vo == len(views[vi]):
+                vi, vo = vi + 1, 0
+            if np.frombuffer(piece, dtype=np.uint8).any():
                 pieces.append(piece)
             else:
                 pieces.append(None)
-                zero += len(piece)
+                zero += n
         if zero == 0 or zero * 4 < chunk.usize:
             return tuple(pieces), (chunk.usize if zero < chunk.usize else 0)
         # mostly zero: keep only the non-zero pieces (copies), let the buffer go
