@@ -94,7 +94,12 @@ class ZstdDevice(ChunkedDevice):
                 pre_spilled = self._decode_all(backing, options.get("tmpdir"))
                 chunks = [Chunk(0, 0, pre_spilled[1], 0, backing.size, None)] if pre_spilled[1] else []
         size = sum(c.usize for c in chunks)
-        self._setup(backing, chunks, size, options)
+        try:
+            self._setup(backing, chunks, size, options)
+        except BaseException:
+            if pre_spilled is not None:
+                os.close(pre_spilled[0])
+            raise
         if pre_spilled is not None:
             fd, _, written = pre_spilled
             self._shared.spill_fd = fd
