@@ -27,7 +27,7 @@ from typing import Any
 from ..block import BlockDevice, MiB
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import header as h
-from .chunked import MAX_CHUNKS, Chunk, ChunkedDevice
+from .chunked import MAX_CHUNKS, Chunk, ChunkedDevice, _int_option
 
 #: Largest Index (per Stream) read into memory.
 MAX_INDEX_BYTES = 64 * MiB
@@ -128,7 +128,7 @@ class XzDevice(ChunkedDevice):
     def __init__(self, backing: BlockDevice, **options: Any):
         chunks, streams = parse_streams(backing)
         self._streams = streams
-        self._memlimit = int(options.get("memlimit") or DEFAULT_MEMLIMIT)
+        self._memlimit = _int_option(options, "memlimit", DEFAULT_MEMLIMIT)
         self._setup(backing, chunks, sum(c.usize for c in chunks), options)
 
     # 3. Block, decoded by liblzma inside a one-Block Stream built around it
