@@ -18,7 +18,8 @@ import fuzz_harness as H
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 SEEDS = ["tiny.qcow2", "tiny-compressed.qcow2", "ext.qcow2", "disk.raw.xz", "disk-1block.raw.xz",
-         "disk.raw.gz", "pigz.gz", "partial-deflate.gz", "disk.raw.zst", "pyzstd-seekable.zst", "luks1.img"]
+         "disk.raw.gz", "pigz.gz", "partial-deflate.gz", "disk.raw.zst", "pyzstd-seekable.zst", "luks1.img",
+         "luks.qcow2"]
 
 
 @pytest.fixture(scope="session")
