@@ -143,9 +143,14 @@ h.shutdown()
 """
 
 
+_nbdkit_runs = 0
+
+
 def reads_nbdkit(path: str, offsets: list[int], workdir: str) -> float:
-    sock = os.path.join(workdir, "nbdkit.sock")
-    pidfile = os.path.join(workdir, "nbdkit.pid")
+    global _nbdkit_runs
+    _nbdkit_runs += 1
+    sock = os.path.join(workdir, f"nbdkit{_nbdkit_runs}.sock")
+    pidfile = os.path.join(workdir, f"nbdkit{_nbdkit_runs}.pid")
     subprocess.run(["nbdkit", "-U", sock, "-P", pidfile, "--filter=xz", "file", path], check=True)
     try:
         for _ in range(100):
@@ -157,7 +162,14 @@ def reads_nbdkit(path: str, offsets: list[int], workdir: str) -> float:
         return float(out.stdout.strip())
     finally:
         with open(pidfile) as f:
-            os.kill(int(f.read().strip()), 15)
+            pid = int(f.read().strip())
+        os.kill(pid, 15)
+        for _ in range(100):  # wait until it is gone (it frees the file and the socket)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
 
 
 def main() -> int:
