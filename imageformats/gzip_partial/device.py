@@ -286,6 +286,7 @@ class GzipDevice(BlockDevice):
             try:
                 meta = json.loads(f.read(n))
                 blob = f.read()
+                _check_index_numbers(meta, path, self.backing.size)
                 if meta["file_size"] != self.backing.size:
                     raise CorruptImageError(f"{path} is the index of a different file (size differs)")
                 if meta["source"] == "map":
@@ -455,6 +456,30 @@ class GzipDevice(BlockDevice):
         if len(s.layout.runs) <= 64:  # each run costs a 32 KiB inflate to check (layout.py)
             info["editable-ranges"] = [[a, b] for a, b in self.editable_ranges()]
         return info
+
+
+def _check_index_numbers(meta, path: str, file_size: int) -> None:
+    """Every number of a loaded index is a plain int in range (the file is input like any other)."""
+    def ok(x, hi=1 << 63) -> bool:
+        return type(x) is int and 0 <= x < hi
+
+    def rows(key, width):
+        val = meta[key]
+        if not isinstance(val, list) or not all(isinstance(r, list) and len(r) == width for r in val):
+            raise CorruptImageError(f"{path}: damaged gzip index ({key})")
+        return val
+
+    if not isinstance(meta, dict) or not ok(meta["span"]) or not meta["span"] or not ok(meta["size"]):
+        raise CorruptImageError(f"{path}: damaged gzip index (span/size)")
+    for m in rows("members", 6):
+        if not all(ok(x) for x in m) or not m[0] <= m[1] <= m[4] <= file_size - 8 or not ok(m[5], 1 << 32):
+            raise CorruptImageError(f"{path}: damaged gzip index (member {m})")
+    for r in rows("stored", 4):
+        if not all(ok(x) for x in r) or r[1] + r[2] > file_size:
+            raise CorruptImageError(f"{path}: damaged gzip index (stored run)")
+    for p in rows("points", 6):
+        if not all(ok(x) for x in p) or p[3] > 255:
+            raise CorruptImageError(f"{path}: damaged gzip index (access point)")
 
 
 def _interrupted(path: str) -> bool:
