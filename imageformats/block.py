@@ -11,7 +11,6 @@ used from several threads when the format says so (``clone()`` otherwise).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -302,7 +301,8 @@ class BlockDevice:
 # FileDevice
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# CDLL(None): the C library the interpreter already links (find_library would run ldconfig on every start-up).
+_libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate", None)
 if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

@@ -1,8 +1,9 @@
 """Format registry, magic probing and stacking for :func:`imageformats.open`.
 
-Each format package calls :func:`register_format` when imported; the package
-names are listed once in ``FORMAT_MODULES`` so ``open()`` grows with each
-format without knowing any format's bytes.  Layers are stacked by kind:
+Each format package calls :func:`register_format` when imported.  The packages
+are listed once in ``FORMAT_MODULES`` with a cheap magic-byte check, so
+``open()`` imports only the packages an image is made of.  Layers are stacked
+by kind:
 
 * ``container`` (xz, zstd, gzip): a compressed copy of some other image; after
   one, probing starts again from the top (qcow2 inside xz).
@@ -24,18 +25,38 @@ from typing import Any
 from .block import BlockDevice, FileDevice
 from .errors import InvalidArgumentError, SecretRequiredError
 
-#: Packages that register formats, sources and outputs when imported.
-FORMAT_MODULES: list[str] = [
-    "imageformats.raw",
-    "imageformats.gzip_partial.device",
-    "imageformats.http",
-    "imageformats.testing.sparse_random",
-    "imageformats.qcow2",
-    "imageformats.qcow2.writer",
-    "imageformats.xz",
-    "imageformats.zstd",
-    "imageformats.luks1",
-]
+def _zstd_magic(head: bytes) -> bool:
+    # a zstd frame, or a skippable frame (0x184D2A5?) that a seekable file may start with
+    return head[:4] == b"\x28\xb5\x2f\xfd" or (len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50)
+
+
+# Where each format, output and URL source lives.  A package registers itself when
+# imported; open() imports a format's package only when the cheap magic check here
+# (a superset of the format's own probe) matches, and convert imports only the output
+# it writes, so start-up never pays for numpy, construct or OpenSSL it does not use.
+#: format name -> (kind, magic check on the first bytes, module that registers it)
+FORMAT_MODULES: dict[str, tuple[str, Callable[[bytes], bool], str]] = {
+    "xz": ("container", lambda head: head[:6] == b"\xfd7zXZ\x00", "imageformats.xz"),
+    "zstd": ("container", _zstd_magic, "imageformats.zstd"),
+    "gzip": ("container", lambda head: head[:2] == b"\x1f\x8b", "imageformats.gzip_partial.device"),
+    "qcow2": ("image", lambda head: head[:4] == b"QFI\xfb", "imageformats.qcow2"),
+    "luks": ("crypto", lambda head: head[:6] == b"LUKS\xba\xbe", "imageformats.luks1"),
+}
+#: output name (convert -O) -> module that registers it
+OUTPUT_MODULES: dict[str, str] = {
+    "raw": "imageformats.raw",
+    "gzip": "imageformats.gzip_partial.device",
+    "qcow2": "imageformats.qcow2.writer",
+    "xz": "imageformats.xz",
+    "zstd": "imageformats.zstd",
+    "luks": "imageformats.luks1",
+}
+#: URL scheme -> module that registers its source
+SOURCE_MODULES: dict[str, str] = {
+    "http": "imageformats.http",
+    "https": "imageformats.http",
+    "sparse-random": "imageformats.testing.sparse_random",
+}
 
 #: How many layers open() stacks at most (a guard against self-similar images).
 MAX_STACK_DEPTH = 8
@@ -97,10 +118,12 @@ def register_source(scheme: str, opener: Callable[[str, dict[str, Any]], BlockDe
 
 
 def _load() -> None:
+    """Import every known package (for listings; open() and convert load lazily)."""
     global _loaded
     if not _loaded:
-        for name in FORMAT_MODULES:
-            importlib.import_module(name)
+        for module in ["imageformats.raw", *(m for _, _, m in FORMAT_MODULES.values()),
+                       *OUTPUT_MODULES.values(), *SOURCE_MODULES.values()]:
+            importlib.import_module(module)
         _loaded = True
 
 
@@ -115,7 +138,10 @@ def outputs() -> dict[str, Output]:
 
 
 def get_output(name: str) -> Output:
-    _load()
+    if name in OUTPUT_MODULES:
+        importlib.import_module(OUTPUT_MODULES[name])
+    if name not in _outputs:
+        _load()
     try:
         return _outputs[name]
     except KeyError:
@@ -124,26 +150,44 @@ def get_output(name: str) -> Output:
         ) from None
 
 
+def get_format(name: str) -> Format:
+    """The registered format ``name`` (importing its package), or InvalidArgumentError."""
+    if name in FORMAT_MODULES:
+        importlib.import_module(FORMAT_MODULES[name][2])
+    if name not in _formats:
+        _load()
+    try:
+        return _formats[name]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown format {name!r} (known: {', '.join(sorted(_formats))})") from None
+
+
 def _read_head(dev: BlockDevice) -> bytes:
     return dev.pread(min(PROBE_BYTES, dev.size), 0)
 
 
 def probe(dev: BlockDevice, kinds: tuple[str, ...] = KINDS) -> Format | None:
-    """The first registered format of one of ``kinds`` whose probe accepts ``dev``."""
-    _load()
+    """The first format of one of ``kinds`` whose probe accepts ``dev``."""
     head = _read_head(dev)
     for kind in kinds:
-        for fmt in _formats.values():
-            if fmt.kind == kind and fmt.probe is not None and fmt.probe(head, dev):
+        for name, (fmt_kind, magic, module) in FORMAT_MODULES.items():
+            if fmt_kind == kind and magic(head):
+                importlib.import_module(module)
+                fmt = _formats.get(name)
+                if fmt is not None and fmt.probe is not None and fmt.probe(head, dev):
+                    return fmt
+        for name, fmt in list(_formats.items()):  # formats registered by other packages
+            if name not in FORMAT_MODULES and fmt.kind == kind and fmt.probe is not None and fmt.probe(head, dev):
                 return fmt
     return None
 
 
 def open_leaf(path: str | os.PathLike, *, writable: bool = False, options: dict[str, Any] | None = None) -> BlockDevice:
     """The bottom device for a path or URL: a FileDevice, or a registered source."""
-    _load()
     text = os.fspath(path)
     scheme, sep, _ = text.partition("://")
+    if sep and scheme in SOURCE_MODULES:
+        importlib.import_module(SOURCE_MODULES[scheme])
     if sep and scheme in _sources:
         return _sources[scheme](text, options or {})
     if sep and "/" not in scheme:
@@ -171,7 +215,6 @@ def open(
     (``passphrase``, ``key_file``, ``volume_key``...) and per-format settings, passed
     to every opener.
     """
-    _load()
     if isinstance(path_or_device, BlockDevice):
         dev = path_or_device
     else:
@@ -185,10 +228,7 @@ def open(
             for name in [n.strip() for n in format.split(",") if n.strip()]:
                 if name == "raw":
                     continue
-                fmt = _formats.get(name)
-                if fmt is None:
-                    raise InvalidArgumentError(f"unknown format {name!r} (known: {', '.join(sorted(_formats))})")
-                dev = fmt.open(dev, writable, options)
+                dev = get_format(name).open(dev, writable, options)
             return dev
         kinds: tuple[str, ...] = KINDS
         inside_image = False
@@ -225,7 +265,10 @@ __all__ = [
     "outputs",
     "get_output",
     "probe",
+    "get_format",
     "open",
     "open_leaf",
     "FORMAT_MODULES",
+    "OUTPUT_MODULES",
+    "SOURCE_MODULES",
 ]
