@@ -24,6 +24,8 @@ import subprocess
 import traceback
 import tracemalloc
 from dataclasses import dataclass, field
+
+from peers import run_qemu_luks
 from pathlib import Path
 
 from imageformats import detect
@@ -129,13 +131,8 @@ def build_corpus(workdir: Path) -> list[Seed]:
     pf.write_bytes(PASSPHRASE)
     eq = workdir / "enc.qcow2"
     sec = f"secret,id=sec0,file={pf}"
-    for _attempt in range(30):  # qemu's PBKDF2 benchmark fails now and then on a loaded machine: retry that
-        proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", sec, "-o",
-                               "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096",
-                               str(eq), "1M"], capture_output=True)
-        if proc.returncode == 0 or b"accurate CPU usage" not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stderr
+    run_qemu_luks("qemu-img", "create", "-q", "-f", "qcow2", "--object", sec, "-o",
+                  "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096", eq, "1M")
     _run("qemu-io", "--object", sec, "--image-opts", "-c", "write -P 0x42 4k 8k",
          f"driver=qcow2,file.filename={eq},encrypt.key-secret=sec0")
     seeds.append(Seed("luks.qcow2", "qcow2", eq.read_bytes(), {"passphrase": PASSPHRASE}, fields=QCOW2_FIELDS))

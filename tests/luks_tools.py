@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from peers import run
+from peers import run, run_qemu_luks
 
 PASSPHRASE = b"correct horse battery staple"
 
@@ -88,17 +88,10 @@ def qemu_read(img: Path, keyfile: Path, out: Path) -> bytes:
 
 
 def qemu_create(img: Path, keyfile: Path, size: int, **opts) -> None:
-    """qemu-img create -f luks.  qemu 7.2's PBKDF2 benchmark sometimes fails on a loaded machine
-    ("Unable to get accurate CPU usage"): that one error is retried, anything else fails the test."""
+    """qemu-img create -f luks (retrying qemu's flaky PBKDF2 benchmark, see peers.run_qemu_luks)."""
     o = ",".join(["key-secret=s0", "iter-time=10"] + [f"{k.replace('_', '-')}={v}" for k, v in opts.items()])
-    for attempt in range(8):
-        proc = run("qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={keyfile}", "-o", o,
-                   img, size, check=False)
-        if proc.returncode == 0:
-            return
-        if b"accurate CPU usage" not in proc.stderr:
-            break
-    raise AssertionError(f"qemu-img create -f luks failed: {proc.stderr.decode(errors='replace')}")
+    run_qemu_luks("qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={keyfile}", "-o", o,
+                  img, size)
 
 
 def nbdkit_read(img: Path, keyfile: Path, out: Path) -> bytes:

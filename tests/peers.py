@@ -52,3 +52,19 @@ def qemu_extents_as_ours(entries: list[dict]) -> list[tuple[int, int, bool, bool
             item = (prev[0], prev[1] + item[1], zero, hole)
         out.append(item)
     return out
+
+
+def run_qemu_luks(*args, attempts: int = 30, **kwargs) -> subprocess.CompletedProcess:
+    """Run a qemu-img command that creates LUKS key material (``-f luks``, ``encrypt.format=luks``).
+
+    qemu 7.2 benchmarks PBKDF2 first and, on a loaded machine, sometimes fails with "Unable to
+    get accurate CPU usage".  That one error is retried; any other failure fails at once.
+    """
+    for _ in range(attempts):
+        proc = run(*args, check=False, **kwargs)
+        if proc.returncode == 0 or b"accurate CPU usage" not in proc.stderr:
+            break
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}: "
+                             f"{proc.stderr.decode(errors='replace')}")
+    return proc

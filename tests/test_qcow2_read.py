@@ -8,6 +8,7 @@ import os
 import threading
 
 import pytest
+from peers import run_qemu_luks
 from qcow2_oracle import check_image, qemu_raw, sh
 from test_http import nginx  # noqa: F401  (fixture: a real nginx on loopback)
 
@@ -278,8 +279,8 @@ def test_luks_encrypted(tmp_path):
     pw.write_bytes(b"read-me-pass")
     obj = ["--object", f"secret,id=s0,file={pw}"]
     img = tmp_path / "l.qcow2"
-    sh("qemu-img", "create", "-f", "qcow2", *obj, "-o",
-       "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=200,cluster_size=4096", img, 2 * MiB)
+    run_qemu_luks("qemu-img", "create", "-f", "qcow2", *obj, "-o",
+                  "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=200,cluster_size=4096", img, 2 * MiB)
     opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=s0"
     sh("qemu-io", *obj, "--image-opts", "-c", "write -P 0x21 10000 300000", "-c", "write -z 1M 64k",
        "-c", "write -P 0x22 1500000 5000", opts)

@@ -10,6 +10,7 @@ import random
 import threading
 
 import pytest
+from peers import run_qemu_luks
 from qcow2_oracle import qemu_raw, sh
 
 import imageformats
@@ -123,8 +124,8 @@ def test_luks_encrypted_write(tmp_path):
     pw.write_bytes(b"qcow2-luks-pass")
     obj = ["--object", f"secret,id=s0,file={pw}"]
     img = tmp_path / "l.qcow2"
-    sh("qemu-img", "create", "-f", "qcow2", *obj, "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=200",
-       img, 2 * MiB)
+    run_qemu_luks("qemu-img", "create", "-f", "qcow2", *obj, "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=200",
+                  img, 2 * MiB)
     opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=s0"
     sh("qemu-io", *obj, "--image-opts", "-c", "write -P 0x21 10000 300000", opts)
     model = bytearray(qemu_raw(opts, tmp_path, *obj, "--image-opts"))
