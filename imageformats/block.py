@@ -587,6 +587,44 @@ class SliceDevice(BlockDevice):
 
 
 # ---------------------------------------------------------------------------------
+# PerThreadReader
+
+
+class PerThreadReader:
+    """Read one device from many worker threads: each thread gets its own ``clone()``,
+    or shares the device under a lock when it cannot be cloned.  ``close()`` closes the
+    clones, never the device itself."""
+
+    def __init__(self, dev: BlockDevice):
+        self._dev = dev
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clones: list[BlockDevice] = []
+
+    def readinto(self, buf, offset: int) -> None:
+        dev = getattr(self._local, "dev", None)
+        if dev is None:
+            try:
+                dev = self._dev.clone()
+                with self._lock:
+                    self._clones.append(dev)
+            except ImageFormatError:
+                dev = self._dev
+            self._local.dev = dev
+        if dev is self._dev:
+            with self._lock:
+                dev.readinto(buf, offset)
+        else:
+            dev.readinto(buf, offset)
+
+    def close(self) -> None:
+        with self._lock:
+            clones, self._clones = self._clones, []
+        for dev in clones:
+            dev.close()
+
+
+# ---------------------------------------------------------------------------------
 # copy
 
 
@@ -723,6 +761,7 @@ __all__ = [
     "SliceDevice",
     "copy",
     "CopyStats",
+    "PerThreadReader",
     "merge_extents",
     "is_zero",
     "zero_runs",

@@ -16,14 +16,13 @@ from __future__ import annotations
 import lzma
 import os
 import struct
-import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..block import BlockDevice
-from ..errors import CorruptImageError, ImageFormatError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
+from ..block import BlockDevice, PerThreadReader
+from ..errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
 from .crc import CRC32, CRC64, crc64
 from .layout import format_ranges
 from .patch import coalesce
@@ -119,30 +118,11 @@ def write_xz(src: BlockDevice, out_path: str, stored: list[tuple[int, int]], *, 
     comp_dict = 1 << max(12, (COMPRESSED_BLOCK - 1).bit_length())
     comp_prop = dict_prop(comp_dict)
     filters = [{"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": (2 | (comp_prop & 1)) << (comp_prop // 2 + 11)}]
-    lock = threading.Lock()
-    local = threading.local()
-    clones: list[BlockDevice] = []
-
-    def reader():
-        dev = getattr(local, "dev", None)
-        if dev is None:
-            try:
-                dev = src.clone()
-                with lock:
-                    clones.append(dev)
-            except ImageFormatError:
-                dev = src
-            local.dev = dev
-        return dev
+    reader = PerThreadReader(src)
 
     def work(start: int, end: int, is_stored: bool) -> tuple[bytes, int, int]:
-        dev = reader()
         buf = bytearray(end - start)
-        if dev is src:
-            with lock:
-                src.readinto(buf, start)
-        else:
-            dev.readinto(buf, start)
+        reader.readinto(buf, start)
         if is_stored:
             data, prop = raw_chunks(buf), STORED_DICT_PROP
         else:
@@ -192,8 +172,7 @@ def write_xz(src: BlockDevice, out_path: str, stored: list[tuple[int, int]], *, 
             os.fsync(f.fileno())
             ok = True
         finally:
-            for d in clones:
-                d.close()
+            reader.close()
             if not ok:
                 f.close()
                 os.unlink(tmp)
