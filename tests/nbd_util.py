@@ -12,6 +12,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from peers import stop_process
+
 from imageformats.nbd import protocol as P
 from imageformats.nbd.server import NBDServer
 
@@ -65,14 +67,7 @@ def serve_cli(*args, env=None):
             raise AssertionError(f"serve did not start: {proc.stderr.read().decode()}")
         yield proc, line
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        stop_process(proc, 20)
 
 
 def system_python(code: str, *args, timeout=120) -> str:

@@ -68,3 +68,25 @@ def run_qemu_luks(*args, attempts: int = 30, **kwargs) -> subprocess.CompletedPr
         raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}: "
                              f"{proc.stderr.decode(errors='replace')}")
     return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate a server started by a test; kill it if it does not exit in time; close its pipes."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def sparse_file(path, size: int, islands=()) -> None:
+    """A sparse raw file of ``size`` bytes (truncate) with random data at each (offset, length) island."""
+    subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
+    with open(path, "r+b") as f:
+        for offset, length in islands:
+            f.seek(offset)
+            f.write(os.urandom(length))

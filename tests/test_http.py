@@ -23,7 +23,7 @@ import pytest
 from imageformats.errors import DeviceIOError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
 from imageformats.http import HttpDevice
 
-from peers import run, tool
+from peers import run, stop_process, tool
 
 IMAGEFORMATS = [sys.executable, "-m", "imageformats"]
 
@@ -129,13 +129,7 @@ def nginx(tmp_path_factory):
         yield Nginx(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{sport}", d / "www", d / "access.log",
                     d / "cert.pem")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

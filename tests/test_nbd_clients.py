@@ -17,7 +17,7 @@ from imageformats.nbd.server import Export
 
 from nbd_util import ServerThread, serve_cli, system_python
 from luks_tools import qemu_create, qemu_write
-from peers import qemu_extents_as_ours, qemu_img_map, run
+from peers import qemu_extents_as_ours, qemu_img_map, run, sparse_file
 
 IMAGEFORMATS = [sys.executable, "-m", "imageformats"]
 
@@ -89,12 +89,7 @@ def test_nbdcopy_captive_server_socket_activation(tmp_path, sparse_raw):
 
 def test_nbdcopy_into_writable_server_and_run(tmp_path):
     src = tmp_path / "src.raw"
-    subprocess.run(["truncate", "-s", "8M", str(src)], check=True)
-    with open(src, "r+b") as f:
-        f.seek(3 << 20)
-        f.write(os.urandom(1 << 20))
-        f.seek(7 << 20)
-        f.write(os.urandom(12345))
+    sparse_file(src, 8 << 20, [(3 << 20, 1 << 20), (7 << 20, 12345)])
     dst = tmp_path / "dst.raw"
     dst.write_bytes(os.urandom(8 << 20))  # garbage that must be overwritten / zeroed
     proc = subprocess.run([*IMAGEFORMATS, "serve", dst, "--writable", "--run", f'nbdcopy {src} "$uri"'],
@@ -178,12 +173,7 @@ def test_libnbd_python(tmp_path, sparse_raw):
 def test_qcow2_image_served(tmp_path):
     """A qcow2 made by qemu-img, served by us and compared by qemu-img reading the file itself."""
     raw = tmp_path / "d.raw"
-    subprocess.run(["truncate", "-s", "6M", str(raw)], check=True)
-    with open(raw, "r+b") as f:
-        f.seek(1 << 20)
-        f.write(os.urandom(300_000))
-        f.seek(5 << 20)
-        f.write(os.urandom(4096))
+    sparse_file(raw, 6 << 20, [(1 << 20, 300_000), (5 << 20, 4096)])
     qcow = tmp_path / "d.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow)
     with serve_cli(qcow, "--socket", tmp_path / "s") as (proc, uri):
@@ -219,10 +209,7 @@ def test_sparse_random_through_nbdcopy(tmp_path):
 def test_luks_and_xz_stacks_served(tmp_path):
     """LUKS1 made by qemu-img and a multi-block xz made by xz, served; the real tools are the oracle."""
     raw = tmp_path / "g.raw"
-    subprocess.run(["truncate", "-s", "4M", str(raw)], check=True)
-    with open(raw, "r+b") as f:
-        f.seek(512 << 10)
-        f.write(os.urandom(700_000))
+    sparse_file(raw, 4 << 20, [(512 << 10, 700_000)])
     secret = tmp_path / "pw"
     secret.write_text("correct horse")  # no newline: qemu takes the file's bytes as they are
     luks = tmp_path / "g.luks"

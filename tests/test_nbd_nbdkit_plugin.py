@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from peers import qemu_extents_as_ours, qemu_img_map, run
+from peers import qemu_extents_as_ours, qemu_img_map, run, sparse_file
 
 IMAGEFORMATS = [sys.executable, "-m", "imageformats"]
 
@@ -55,10 +55,7 @@ def test_nbdkit_reads_raw_and_maps(tmp_path, sparse_raw):
 
 def test_nbdkit_serves_qcow2_compared_by_qemu(tmp_path):
     raw = tmp_path / "d.raw"
-    subprocess.run(["truncate", "-s", "5M", str(raw)], check=True)
-    with open(raw, "r+b") as f:
-        f.seek(2 << 20)
-        f.write(os.urandom(200_000))
+    sparse_file(raw, 5 << 20, [(2 << 20, 200_000)])
     qcow = tmp_path / "d.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow)
     run("nbdkit", "-U", tmp_path / "s", "python", plugin(), f"file={qcow}",

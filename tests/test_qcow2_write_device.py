@@ -10,7 +10,7 @@ import random
 import threading
 
 import pytest
-from peers import run_qemu_luks
+from peers import run_qemu_luks, stop_process
 from qcow2_oracle import qemu_raw, sh
 
 import imageformats
@@ -334,8 +334,6 @@ def test_served_writable_over_nbd(tmp_path):
         # discard leaves unspecified content; here the range was never written, so it reads as zeroes
         assert got == model
     finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stderr.close()
+        stop_process(proc)
     assert qemu_raw(img, tmp_path) == model
     assert qemu_check(img).get("leaks", 0) == 0
