@@ -158,6 +158,14 @@ def _pbkdf_arguments(p: argparse.ArgumentParser) -> None:
                    help="use exactly N PBKDF2 iterations (at least 1000)")
 
 
+def _volume_command(acts, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand on an existing volume: DEVICE plus --header for a detached header."""
+    p = acts.add_parser(name, allow_abbrev=False, help=help)
+    p.add_argument("device")
+    p.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    return p
+
+
 def register(sub) -> None:
     p = sub.add_parser("luks", help="LUKS1 volumes: format, dump, key management (cryptsetup-like)")
     acts = p.add_subparsers(dest="luks_action", metavar="ACTION", required=True)
@@ -182,62 +190,46 @@ def register(sub) -> None:
                    help="batch mode: overwrite an existing LUKS header without refusing, print nothing")
     f.set_defaults(func=run_format)
 
-    d = acts.add_parser("dump", allow_abbrev=False, help="show the header (luksDump)")
-    d.add_argument("device")
-    d.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    d = _volume_command(acts, "dump", "show the header (luksDump)")
     d.add_argument("--dump-volume-key", "--dump-master-key", action="store_true",
                    help="print the volume key (needs a secret; handle the output with care)")
     d.add_argument("--output", choices=["human", "json"], default="human")
     add_unlock_arguments(d, "unlock with key slot N only")
     d.set_defaults(func=run_dump)
 
-    a = acts.add_parser("add-key", allow_abbrev=False, help="add a passphrase or key file to a free slot (luksAddKey)")
-    a.add_argument("device")
-    a.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    a = _volume_command(acts, "add-key", "add a passphrase or key file to a free slot (luksAddKey)")
     add_unlock_arguments(a, "put the new key in slot N (default: the first free slot)")
     add_new_secret_arguments(a)
     _pbkdf_arguments(a)
     a.set_defaults(func=run_add_key)
 
-    r = acts.add_parser("remove-key", allow_abbrev=False, help="remove the key slot the given secret opens (luksRemoveKey)")
-    r.add_argument("device")
-    r.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    r = _volume_command(acts, "remove-key", "remove the key slot the given secret opens (luksRemoveKey)")
     r.add_argument("--force", action="store_true", help="allow removing the last active key slot")
     add_unlock_arguments(r, "look in key slot N only")
     r.set_defaults(func=run_remove_key)
 
-    k = acts.add_parser("kill-slot", allow_abbrev=False, help="wipe key slot N (luksKillSlot)")
-    k.add_argument("device")
+    k = _volume_command(acts, "kill-slot", "wipe key slot N (luksKillSlot)")
     k.add_argument("slot", type=int)
-    k.add_argument("--header", default=None, metavar="HDR", help="detached header file")
     k.add_argument("--force", action="store_true",
                    help="no secret needed; also allows killing the last active key slot")
     add_unlock_arguments(k, None)
     k.set_defaults(func=run_kill_slot)
 
-    c = acts.add_parser("change-key", allow_abbrev=False, help="replace a passphrase or key file (luksChangeKey)")
-    c.add_argument("device")
-    c.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    c = _volume_command(acts, "change-key", "replace a passphrase or key file (luksChangeKey)")
     add_unlock_arguments(c, "change the key of slot N only")
     add_new_secret_arguments(c)
     _pbkdf_arguments(c)
     c.set_defaults(func=run_change_key)
 
-    b = acts.add_parser("header-backup", allow_abbrev=False, help="save the header and key slots to a file (luksHeaderBackup)")
-    b.add_argument("device")
-    b.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    b = _volume_command(acts, "header-backup", "save the header and key slots to a file (luksHeaderBackup)")
     b.add_argument("--header-backup-file", required=True, metavar="FILE", help="the backup file (must not exist)")
     b.set_defaults(func=run_header_backup)
 
-    h = acts.add_parser("header-restore", allow_abbrev=False, help="write a header backup back (luksHeaderRestore)")
-    h.add_argument("device")
-    h.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    h = _volume_command(acts, "header-restore", "write a header backup back (luksHeaderRestore)")
     h.add_argument("--header-backup-file", required=True, metavar="FILE", help="the backup file")
     h.set_defaults(func=run_header_restore)
 
-    u = acts.add_parser("uuid", allow_abbrev=False, help="print the UUID, or set it with --uuid (luksUUID)")
-    u.add_argument("device")
-    u.add_argument("--header", default=None, metavar="HDR", help="detached header file")
+    u = _volume_command(acts, "uuid", "print the UUID, or set it with --uuid (luksUUID)")
     u.add_argument("--uuid", default=None, help="set this UUID")
     u.add_argument("--new-uuid", action="store_true", help="set a new random UUID")
     u.set_defaults(func=run_uuid)
