@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..block import BlockDevice, PerThreadReader
 from ..errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
+from ..xz.header import decode_vlis, encode_vli
 from .crc import CRC32, CRC64, crc64
 from .layout import format_ranges
 from .patch import coalesce
@@ -43,28 +44,10 @@ STORED_DICT_PROP = 16  # 1 MiB dictionary
 MAX_INDEX = 1 << 28
 
 
-def _mb(n: int) -> bytes:
-    """2.1.1 multibyte integer."""
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _read_mb(buf: bytes, pos: int) -> tuple[int, int]:
-    n = 0
-    for i in range(9):
-        if pos + i >= len(buf):
-            break
-        b = buf[pos + i]
-        n |= (b & 0x7F) << (7 * i)
-        if not b & 0x80:
-            if i and b == 0:
-                raise CorruptImageError("xz: non-minimal multibyte integer")
-            return n, pos + i + 1
-    raise CorruptImageError("xz: bad multibyte integer")
+    """One 1.2 multibyte integer at ``pos``: (value, position after it)."""
+    (value,), pos = decode_vlis(buf, pos, len(buf), None)
+    return value, pos
 
 
 def _pad4(n: int) -> int:
@@ -81,7 +64,7 @@ def dict_prop(size: int) -> int:
 
 def block_header(csize: int, usize: int, prop: int) -> bytes:
     """3.1 Block Header with both sizes and one LZMA2 filter."""
-    body = bytes([0xC0]) + _mb(csize) + _mb(usize) + bytes([FILTER_LZMA2, 1, prop])
+    body = bytes([0xC0]) + encode_vli(csize) + encode_vli(usize) + bytes([FILTER_LZMA2, 1, prop])
     total = 1 + len(body) + 4
     total += _pad4(total)
     hdr = bytes([total // 4 - 1]) + body + bytes(total - 4 - 1 - len(body))
@@ -160,9 +143,9 @@ def write_xz(src: BlockDevice, out_path: str, stored: list[tuple[int, int]], *, 
                             drain()
                 while pending:
                     drain()
-            index = bytearray(b"\x00" + _mb(len(records)))
+            index = bytearray(b"\x00" + encode_vli(len(records)))
             for unpadded, n in records:
-                index += _mb(unpadded) + _mb(n)
+                index += encode_vli(unpadded) + encode_vli(n)
             index += bytes(_pad4(len(index)))
             index += struct.pack("<I", zlib.crc32(index))
             f.write(index)

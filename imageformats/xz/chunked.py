@@ -287,11 +287,7 @@ class ChunkedDevice(BlockDevice):
                 if pos + len(mv) > end:
                     raise CorruptImageError(
                         f"{self.format_name} chunk {chunk.index} decodes to more than the {chunk.usize} bytes its index records")
-                for i, is_data in enumerate(_piece_map(mv)):
-                    if is_data:
-                        piece = mv[i * PIECE:(i + 1) * PIECE]
-                        _pwrite_all(fd, piece, pos + i * PIECE)
-                        written += len(piece)
+                written += _write_pieces(fd, mv, pos)
                 pos += len(mv)
         except OSError as exc:
             raise DeviceIOError(f"writing the temporary file for {self.format_name} chunk {chunk.index}: "
@@ -506,6 +502,18 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
+
+
+def _write_pieces(fd: int, mv: memoryview, pos: int) -> int:
+    """Write the non-zero PIECEs of ``mv`` at ``pos`` of a sparse spill file (zero pieces stay
+    holes); returns the bytes written."""
+    written = 0
+    for i, is_data in enumerate(_piece_map(mv)):
+        if is_data:
+            piece = mv[i * PIECE:(i + 1) * PIECE]
+            _pwrite_all(fd, piece, pos + i * PIECE)
+            written += len(piece)
+    return written
 
 
 def _pread_all(fd: int, buf: memoryview, offset: int) -> None:

@@ -26,7 +26,7 @@ import zstandard
 
 from ..block import BlockDevice, MiB
 from ..errors import CorruptImageError, DeviceIOError, UnsupportedFeatureError
-from ..xz.chunked import MAX_CHUNKS, PIECE, Chunk, ChunkedDevice, _piece_map, _pwrite_all
+from ..xz.chunked import MAX_CHUNKS, Chunk, ChunkedDevice, _write_pieces
 from . import header as h
 
 _OUTPUT_CHUNK = 4 * MiB
@@ -161,11 +161,7 @@ class ZstdDevice(ChunkedDevice):
                 if not out:
                     break
                 mv = memoryview(out)
-                for i, is_data in enumerate(_piece_map(mv)):
-                    if is_data:
-                        piece = mv[i * PIECE:(i + 1) * PIECE]
-                        _pwrite_all(fd, piece, pos + i * PIECE)
-                        written += len(piece)
+                written += _write_pieces(fd, mv, pos)
                 pos += len(mv)
             os.ftruncate(fd, pos)
         except zstandard.ZstdError as exc:
