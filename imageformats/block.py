@@ -237,6 +237,21 @@ class BlockDevice:
             return iter([next(merged)])
         return merged
 
+    def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        """Where ``[offset, offset+length)`` is stored verbatim in one open file, if it is.
+
+        ``(fd, file_offset)`` means the range's bytes are the ``length`` bytes of file
+        descriptor ``fd`` at ``file_offset``, so a server may send them with sendfile()
+        instead of copying them through Python.  ``fd`` belongs to this device: valid
+        until it is closed, never to be closed by the caller.  None (the default) when
+        the bytes must come through readinto() (compressed, encrypted, scattered).
+        """
+        self._check_range(length, offset)
+        return self._file_range(length, offset)
+
+    def _file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        return None
+
     def clone(self) -> "BlockDevice":
         """An independent handle on the same image, for another thread or connection."""
         raise UnsupportedFeatureError(f"{self.format_name} device cannot be cloned")
@@ -358,6 +373,10 @@ class FileDevice(BlockDevice):
         self._regular = stat.S_ISREG(st.st_mode)
         self.size = size if size is not None else (st.st_size if self._regular else os.lseek(self._fd, 0, os.SEEK_END))
         self._lock = threading.Lock()
+        # A file with every block allocated has no holes to look for: extents() then answers
+        # "data" without two lseek() calls per request.  Shared with clones; set again when
+        # we punch a hole.  (Reporting a hole made by another process as data is still true.)
+        self._may_have_holes = [not self._regular or st.st_blocks * 512 < st.st_size]
 
     @classmethod
     def create(cls, path: str | os.PathLike, size: int, *, overwrite: bool = True) -> "FileDevice":
@@ -395,6 +414,9 @@ class FileDevice(BlockDevice):
                 raise DeviceIOError(f"{self._where()} ended at {offset + done}, expected {offset + len(buf)}")
             done += n
 
+    def _file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        return (self._fd, offset) if self._regular else None
+
     def _pwrite(self, buf: memoryview, offset: int) -> None:
         done = 0
         while done < len(buf):
@@ -407,6 +429,8 @@ class FileDevice(BlockDevice):
     def _fallocate(self, mode: int, offset: int, length: int) -> bool:
         if _fallocate is None:
             return False
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            self._may_have_holes[0] = True  # before the call: a failed punch may still leave holes
         if _fallocate(self._fd, mode, offset, length) == 0:
             return True
         err = ctypes.get_errno()
@@ -437,7 +461,7 @@ class FileDevice(BlockDevice):
 
     def _extents(self, length: int, offset: int) -> Iterator[Extent]:
         end = offset + length
-        if not self._regular:
+        if not self._regular or not self._may_have_holes[0]:
             yield Extent(offset, length, zero=False, hole=False)
             return
         pos = offset
@@ -471,6 +495,7 @@ class FileDevice(BlockDevice):
         self._check_open()
         dev = FileDevice(self._fd, writable=not self.readonly, size=self.size)
         dev.path = self.path
+        dev._may_have_holes = self._may_have_holes
         return dev
 
     def close(self) -> None:
@@ -555,6 +580,9 @@ class SliceDevice(BlockDevice):
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
         self.backing.pwrite(buf, self.offset + offset)
+
+    def _file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        return self.backing.file_range(length, self.offset + offset)
 
     def _zero(self, length: int, offset: int, may_trim: bool, fast: bool) -> None:
         self.backing.zero(length, self.offset + offset, may_trim=may_trim, fast=fast)

@@ -325,11 +325,16 @@ def test_file_zero_may_trim_punches_holes(tmp_path):
     assert file_holes(path) == [(0, 4 * MiB)]
     blocks_before = os.stat(path).st_blocks
     with FileDevice(path, writable=True) as dev:
+        early_clone = dev.clone()  # made while the file had no holes
+        assert list(early_clone.extents(dev.size, 0)) == [Extent(0, 4 * MiB, False, False)]
         dev.zero(MiB, MiB, may_trim=True)
         dev.flush()
         assert file_holes(path) == [(0, MiB), (2 * MiB, 4 * MiB)], "the kernel sees a hole"
         assert list(dev.extents(dev.size, 0)) == [Extent(0, MiB, False, False), Extent(MiB, MiB, True, True),
                                                   Extent(2 * MiB, 2 * MiB, False, False)]
+        # the clone learns of the hole too (the fully-allocated shortcut is shared)
+        assert list(early_clone.extents(dev.size, 0)) == list(dev.extents(dev.size, 0))
+        early_clone.close()
         assert dev.pread(MiB, MiB) == bytes(MiB)
         dev.trim(MiB, 3 * MiB)
         assert file_holes(path) == [(0, MiB), (2 * MiB, 3 * MiB)]
@@ -337,6 +342,24 @@ def test_file_zero_may_trim_punches_holes(tmp_path):
     # qemu-img agrees with our map.
     assert qemu_extents_as_ours(qemu_img_map(path, "raw")) == [
         (0, MiB, False, False), (MiB, MiB, True, True), (2 * MiB, MiB, False, False), (3 * MiB, MiB, True, True)]
+
+
+def test_file_range_points_at_the_bytes(tmp_path):
+    """file_range() names a descriptor and offset holding exactly the device's bytes (the
+    NBD server sends them with sendfile); devices that transform bytes answer None."""
+    path = tmp_path / "range.raw"
+    data = os.urandom(3 * MiB)
+    path.write_bytes(data)
+    with FileDevice(path) as dev:
+        fd, at = dev.file_range(4096, MiB + 512)
+        assert os.pread(fd, 4096, at) == data[MiB + 512 : MiB + 4608]
+        window = SliceDevice(dev.clone(), MiB, MiB)
+        fd, at = window.file_range(1000, 24)
+        assert os.pread(fd, 1000, at) == data[MiB + 24 : MiB + 1024]
+        with pytest.raises(OutOfRangeError):
+            window.file_range(2, MiB - 1)
+        window.close()
+    assert MemoryDevice(data).file_range(10, 0) is None
 
 
 def test_file_fast_zero(tmp_path):

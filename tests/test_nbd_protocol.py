@@ -217,6 +217,42 @@ def test_structured_read_uses_holes_and_errors(served):
     assert b"beyond" in chunks[0][3][6 : 6 + msg_len]
 
 
+@pytest.mark.parametrize("structured", [True, False])
+def test_file_shrunk_under_the_server_is_never_wrong_data(tmp_path, structured):
+    """Reads of a raw file go out with sendfile(); when the file turns out shorter than the
+    export, the client must see an error or a dropped connection, never a reply padded or
+    cut short.  Before the truncation the bytes are the file's."""
+    path = tmp_path / "shrinks.raw"
+    data = os.urandom(2 << 20)
+    path.write_bytes(data)
+    dev = FileDevice(path)
+    with ServerThread([Export("f", dev)], str(tmp_path / "nbd.sock")) as srv:
+        c = RawClient(srv.sock_path)
+        c.handshake()
+        c.go("f", structured=structured, meta=False)
+
+        def read(offset, n, cookie):
+            c.request(P.NBD_CMD_READ, offset, n, cookie=cookie)
+            if structured:
+                chunks = c.chunks()
+                if c.error_of(chunks):
+                    return None
+                assert [ck[1] for ck in chunks] == [P.NBD_REPLY_TYPE_OFFSET_DATA]
+                return chunks[0][3][8:]
+            error, _, payload = c.simple_reply(n)
+            return None if error else payload
+
+        assert read(1 << 20, 256 << 10, 1) == data[1 << 20 : (1 << 20) + (256 << 10)]
+        os.truncate(path, 1 << 20)
+        try:
+            got = read((1 << 20) - 4096, 8192, 2)
+        except (EOFError, ConnectionError):
+            got = "dropped"
+        assert got in (None, "dropped"), "bytes past the end of a shrunk file were served as data"
+        c.close()
+    dev.close()
+
+
 def test_block_status_req_one(served):
     c = client(served)
     c.go("ro")

@@ -200,51 +200,85 @@ class NBDServer:
 
 
 class _Handles:
-    """Device handles of one connection: clones made on demand (one per thread at work), or
-    the export's own device under the export's lock when it cannot (or must not) be cloned."""
+    """Device handles of one connection: one clone per thread that works for it (made on
+    first use, kept by that thread), or the export's own device under the export's lock
+    when it cannot (or must not) be cloned."""
 
     def __init__(self, server: NBDServer, export: Export):
         self.export = export
         self.lock = threading.Lock()
-        self.free: list[BlockDevice] = []
+        self.local = threading.local()
         self.all: list[BlockDevice] = []
-        self.closed = False
         # A writable device whose clones do not share a cache must not be written
         # through several handles at once: every connection uses the one device.
         self.shared = export.writable and not export.device.can_multi_conn
 
     def run(self, fn, *args):
-        """``fn(device, *args)`` on a free handle (called from worker threads)."""
-        dev = None
-        if not self.shared:
-            with self.lock:
-                if self.free:
-                    dev = self.free.pop()
-            if dev is None:
-                try:
-                    dev = self.export.device.clone()
-                except ImageFormatError:
-                    self.shared = True
-                else:
-                    with self.lock:
-                        self.all.append(dev)
+        """``fn(device, *args)`` on this thread's handle (called from worker threads)."""
+        dev = getattr(self.local, "dev", None)
+        if dev is None and not self.shared:
+            try:
+                dev = self.export.device.clone()
+            except ImageFormatError:
+                self.shared = True
+            else:
+                with self.lock:
+                    self.all.append(dev)
+                self.local.dev = dev
         if dev is None:
             with self.export.lock:
                 return fn(self.export.device, *args)
-        try:
-            return fn(dev, *args)
-        finally:
-            with self.lock:
-                self.free.append(dev)
+        return fn(dev, *args)
 
     def close(self) -> None:
+        """Close every clone (after the last request of the connection has finished)."""
         with self.lock:
-            devs, self.all, self.free = self.all, [], []
+            devs, self.all = self.all, []
         for dev in devs:
             try:
                 dev.close()
             except Exception:  # closing a clone must not take the server down
                 log.exception("closing a device handle")
+
+
+def _set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """SO_RCVTIMEO / SO_SNDTIMEO: a blocked recv or send fails with EAGAIN after ``seconds``."""
+    whole = int(min(seconds, 2**31 - 1))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
+
+
+@dataclass(frozen=True)
+class _FileSpan:
+    """Reply bytes to be sent straight from a file with sendfile(): ``length`` bytes of ``fd`` at ``offset``."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+def _send_parts(sock: socket.socket, parts: list) -> None:
+    """Send the buffers and _FileSpans of ``parts`` in order on a blocking socket: runs of
+    buffers in as few sendmsg() calls as the socket allows, spans by sendfile()."""
+    views: list[memoryview] = []
+    for part in [*parts, None]:
+        if part is not None and not isinstance(part, _FileSpan):
+            views.append(memoryview(part).cast("B"))
+            continue
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+        if part is not None:
+            offset, left = part.offset, part.length
+            while left:
+                n = os.sendfile(sock.fileno(), part.fd, offset, left)
+                if n == 0:  # the file is shorter than the device says: the reply cannot be completed
+                    raise OSError(errno.EIO, f"file ended at {offset} while sending a reply")
+                offset += n
+                left -= n
 
 
 def _error_of(exc: BaseException) -> tuple[int, str]:
@@ -638,10 +672,14 @@ class _Connection:
         if buffered:
             buffered.clear()
         self.writer.transport.pause_reading()
+        # Blocking sockets with kernel timeouts: Python's own timeouts poll() before every
+        # recv and send, which costs a syscall and a GIL hand-off per call.
         self.rx = socket.socket(fileno=os.dup(sock.fileno()))
-        self.rx.settimeout(self.server.idle_timeout)
+        self.rx.settimeout(None)
+        _set_kernel_timeout(self.rx, socket.SO_RCVTIMEO, self.server.idle_timeout)
         self.tx = socket.socket(fileno=os.dup(sock.fileno()))
-        self.tx.settimeout(self.server.send_timeout)
+        self.tx.settimeout(None)
+        _set_kernel_timeout(self.tx, socket.SO_SNDTIMEO, self.server.send_timeout)
         self.leftover = leftover
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
@@ -695,7 +733,10 @@ class _Connection:
 
     def _reader_thread(self) -> None:
         q: queue.SimpleQueue = queue.SimpleQueue()
-        inflight = threading.Semaphore(self.server.max_inflight)
+        # One token per request allowed in flight (a C queue: cheaper than threading.Semaphore).
+        inflight: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.server.max_inflight):
+            inflight.put(None)
         workers = [threading.Thread(target=self._worker, args=(q, inflight), name="nbd-worker", daemon=True)
                    for _ in range(self.server.workers)]
         for w in workers:
@@ -723,7 +764,7 @@ class _Connection:
                                 lambda: self.write_bytes == 0 or self.write_bytes + length <= WRITE_BUDGET)
                             self.write_bytes += length
                         payload = self._recv_exact(length)
-                inflight.acquire()
+                inflight.get()
                 if self.dead:
                     return
                 q.put((flags, cmd, cookie, offset, length, payload))
@@ -736,7 +777,7 @@ class _Connection:
             for w in workers:
                 w.join()
 
-    def _worker(self, q: queue.SimpleQueue, inflight: threading.Semaphore) -> None:
+    def _worker(self, q: queue.SimpleQueue, inflight: queue.SimpleQueue) -> None:
         while True:
             item = q.get()
             if item is None:
@@ -755,7 +796,7 @@ class _Connection:
             except Exception:
                 log.exception("request failed")
             finally:
-                inflight.release()
+                inflight.put(None)
 
     def _tx_send(self, parts) -> None:
         """Send one whole reply from a worker thread."""
@@ -763,8 +804,7 @@ class _Connection:
             if self.dead:
                 raise _HardDisconnect("client went away")
             try:
-                for part in parts:
-                    self.tx.sendall(part)
+                _send_parts(self.tx, parts)
             except OSError as exc:  # reset, broken pipe, or the send deadline passed
                 self._kill_sockets()
                 raise _HardDisconnect(f"client went away ({exc})") from None
@@ -841,8 +881,10 @@ class _Connection:
         return self._ok_parts(cookie)
 
     @staticmethod
-    def _read_pieces(dev: BlockDevice, offset: int, length: int, use_extents: bool, scratch=None):
-        """Read a range; returns (buffer, [(offset, length, is_hole)]) covering it in order.
+    def _read_pieces(dev: BlockDevice, offset: int, length: int, use_extents: bool, scratch=None) -> list:
+        """Read a range; returns ``[(offset, length, content)]`` covering it in order, where
+        content is None for a hole, a memoryview of the bytes, or (thread mode only) a
+        _FileSpan when the bytes lie verbatim in a file and can go out with sendfile().
 
         ``scratch``: a thread-local holder whose buffer may be reused (thread mode, where
         the reply is sent before the worker takes its next request).
@@ -867,7 +909,21 @@ class _Connection:
                 pieces.append([pos, end - pos, False])
         else:
             pieces.append([offset, length, False])
-        need = sum(p[1] for p in pieces if not p[2])
+        out: list = []
+        to_read: list = []
+        for start, n, hole in pieces:
+            if hole:
+                out.append((start, n, None))
+                continue
+            in_file = dev.file_range(n, start) if scratch is not None else None
+            if in_file is not None:
+                out.append((start, n, _FileSpan(in_file[0], in_file[1], n)))
+            else:
+                out.append((start, n, b""))  # filled below
+                to_read.append(len(out) - 1)
+        need = sum(out[i][1] for i in to_read)
+        if not need:
+            return out
         if scratch is not None and need <= SCRATCH_MAX:
             buf = getattr(scratch, "buf", None)
             if buf is None or len(buf) < need:
@@ -876,11 +932,12 @@ class _Connection:
             buf = bytearray(need)
         view = memoryview(buf)
         at = 0
-        for start, n, hole in pieces:
-            if not hole:
-                dev.readinto(view[at : at + n], start)
-                at += n
-        return buf, pieces
+        for i in to_read:
+            start, n, _ = out[i]
+            dev.readinto(view[at : at + n], start)
+            out[i] = (start, n, view[at : at + n])
+            at += n
+        return out
 
     def _do_read(self, flags: int, cookie: int, offset: int, length: int) -> list:
         if length > self.payload_max:
@@ -888,28 +945,25 @@ class _Connection:
             return self._error_parts(cookie, err, f"read of {length} bytes exceeds the {self.payload_max}-byte maximum")
         use_extents = self.structured and not flags & P.NBD_CMD_FLAG_DF
         scratch = self.scratch if threading.current_thread().name == "nbd-worker" else None
-        buf, pieces = self.handles.run(self._read_pieces, offset, length, use_extents, scratch)
+        pieces = self.handles.run(self._read_pieces, offset, length, use_extents, scratch)
         if not self.structured:
-            # "Simple reply message"
-            return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), memoryview(buf)[:length]]
+            # "Simple reply message" (no extents asked for: every piece is data)
+            return [P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie), *(c for _, _, c in pieces)]
         if length == 0:
             return self._ok_parts(cookie)
         # "NBD_REPLY_TYPE_OFFSET_DATA" / "NBD_REPLY_TYPE_OFFSET_HOLE"; all data is in hand,
         # so the last content chunk can carry NBD_REPLY_FLAG_DONE.
         parts: list = []
-        view = memoryview(buf)
-        at = 0
         last = len(pieces) - 1
-        for i, (start, n, hole) in enumerate(pieces):
+        for i, (start, n, content) in enumerate(pieces):
             done = P.NBD_REPLY_FLAG_DONE if i == last else 0
-            if hole:
+            if content is None:
                 parts.append(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_HOLE,
                                                      cookie, P.OFFSET_HOLE.size) + P.OFFSET_HOLE.pack(start, n))
             else:
                 parts.append(P.STRUCTURED_REPLY.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done, P.NBD_REPLY_TYPE_OFFSET_DATA,
                                                      cookie, 8 + n) + P.U64.pack(start))
-                parts.append(view[at : at + n])
-                at += n
+                parts.append(content)
         return parts
 
     @staticmethod
