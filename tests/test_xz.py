@@ -263,6 +263,31 @@ def test_index_sizes_must_match_block_headers(tmp_path, source):
             dev.pread(10, 0)
 
 
+@pytest.mark.parametrize("spill", [False, True])
+def test_index_sizes_checked_when_block_headers_omit_them(tmp_path, source, spill):
+    """Single-threaded xz writes Block Headers without sizes; then only the decoder can tell
+    that a Block yields more (or fewer) bytes than its Index record says.  Both the in-memory
+    decode and the streaming one (spilled Blocks) must refuse, never return shifted data."""
+    path, _ = xz_file(tmp_path, source, "-T1", "--block-size=512KiB", "-0")
+    data = path.read_bytes()
+    backward, check = h.parse_stream_footer(data[-12:])
+    records = h.parse_index(data[-12 - backward:-12], max_records=10**6)
+    first = XzDevice(MemoryDevice(data, writable=False))
+    header = h.parse_block_header(data[first._shared.chunks[0].cstart:][:(data[12] + 1) * 4])
+    assert header.uncompressed_size is None, "xz -T1 was expected to leave sizes out of Block Headers"
+    first.close()
+    records[0] = (records[0][0], records[0][1] - 1)
+    records[1] = (records[1][0], records[1][1] + 1)
+    index = h.build_index(records)
+    bad = data[:len(data) - 12 - backward] + index + h.build_stream_footer(check, len(index))
+    options = {"max_chunk_memory": 4096} if spill else {}
+    with XzDevice(MemoryDevice(bad, writable=False), **options) as dev:
+        with pytest.raises(CorruptImageError):
+            dev.pread(10, 0)  # Block 0 decodes to one byte more than recorded
+        with pytest.raises(CorruptImageError):
+            dev.pread(10, records[0][1] + 5)  # Block 1 decodes to one byte less
+
+
 def test_evil_stuck_bits_never_wrong_data(tmp_path, source):
     path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=256KiB", "-0")
     evil = EvilDevice(FileDevice(path), seed=7, stuck_bits=2e-6)

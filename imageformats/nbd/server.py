@@ -26,6 +26,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,8 +42,10 @@ MiB = 1024 * 1024
 DEFAULT_MAX_PAYLOAD = P.DEFAULT_MAX_PAYLOAD
 #: Requests in flight per connection.
 DEFAULT_MAX_INFLIGHT = 16
-#: Device handles (threads working at once) per connection.
+#: Most worker threads (device handles working at once) per connection.
 DEFAULT_WORKERS = 4
+#: A request busy for longer than this (seconds) lets its connection start another worker.
+SLOW_REQUEST = 0.01
 #: Longest option payload read into memory; longer ones are skipped and refused.
 MAX_OPTION_LENGTH = 64 * 1024
 #: A WRITE or option payload beyond this is treated as an attack: hard disconnect.
@@ -737,10 +740,10 @@ class _Connection:
         inflight: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.server.max_inflight):
             inflight.put(None)
-        workers = [threading.Thread(target=self._worker, args=(q, inflight), name="nbd-worker", daemon=True)
-                   for _ in range(self.server.workers)]
-        for w in workers:
-            w.start()
+        self.work_queue, self.inflight = q, inflight
+        self.workers: list[threading.Thread] = []
+        self.workers_lock = threading.Lock()
+        self._add_worker()
         try:
             while True:
                 magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack(self._recv_exact(P.REQUEST.size))
@@ -772,10 +775,29 @@ class _Connection:
             log.debug("%s", exc)
             self._kill_sockets()
         finally:
+            with self.workers_lock:
+                workers, self.workers = self.workers, None  # None: no more workers may start
             for _ in workers:
                 q.put(None)
             for w in workers:
                 w.join()
+
+    def _add_worker(self) -> None:
+        """Start one more worker thread for this connection, up to the server's ``workers``.
+
+        A connection starts with one: Python threads that take turns with the GIL through
+        many short C calls slow each other down, so fast devices (files, LUKS) are served
+        best by one thread per connection.  A request that keeps its worker busy for longer
+        than SLOW_REQUEST (a block decode, a network round trip) adds another, so requests
+        that would be fast need not wait behind slow ones.
+        """
+        with self.workers_lock:
+            if self.workers is None or len(self.workers) >= self.server.workers:
+                return
+            worker = threading.Thread(target=self._worker, args=(self.work_queue, self.inflight),
+                                      name="nbd-worker", daemon=True)
+            self.workers.append(worker)
+            worker.start()
 
     def _worker(self, q: queue.SimpleQueue, inflight: queue.SimpleQueue) -> None:
         while True:
@@ -784,7 +806,10 @@ class _Connection:
                 return
             try:
                 try:
+                    started = time.monotonic()
                     parts = self._process(*item)
+                    if time.monotonic() - started > SLOW_REQUEST:
+                        self._add_worker()
                 finally:
                     if item[1] == P.NBD_CMD_WRITE and isinstance(item[5], (bytes, bytearray)):
                         with self.write_cond:

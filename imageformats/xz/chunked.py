@@ -58,6 +58,8 @@ DEFAULT_MAX_CHUNK_MEMORY = 64 * MiB
 MAX_CHUNKS = 1 << 22
 #: How many chunks are decoded ahead of a sequential reader.
 DEFAULT_READAHEAD = 2
+#: Sequential streams followed at once for read-ahead.
+_MAX_STREAMS = 4
 
 _ZERO_PIECE = bytes(PIECE)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
@@ -109,8 +111,8 @@ class _Shared:
         self.prefetch_backing: BlockDevice | None = None
         self.prefetch_local = threading.local()
         self.prefetch_handles: list[BlockDevice] = []
-        self.last_index = -2
-        self.streak = 0
+        # Sequential readers being followed: chunk index a stream is at -> its streak.
+        self.streams: OrderedDict[int, int] = OrderedDict()
         self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0}
 
     def close(self) -> None:
@@ -211,6 +213,12 @@ class ChunkedDevice(BlockDevice):
         keeps its one decoded buffer; a chunk with many zero pieces keeps copies
         of its non-zero pieces only.
         """
+        if hasattr(self, "_decode_chunk_into"):
+            # One array for the whole chunk (numpy asks for huge pages for big ones), filled by
+            # the decoder directly: no per-piece allocations, no join.
+            whole = np.empty(chunk.usize, np.uint8)
+            self._decode_chunk_into(chunk, backing, whole)
+            return self._cut_pieces(chunk, [memoryview(whole).toreadonly()])
         outs = []
         pos = 0
         for out in self._decode_chunk(chunk, backing):
@@ -222,12 +230,17 @@ class ChunkedDevice(BlockDevice):
         if pos != chunk.usize:
             raise CorruptImageError(
                 f"{self.format_name} chunk {chunk.index} decodes to {pos} bytes, its index records {chunk.usize}")
+        views = [memoryview(o).toreadonly() for o in outs]
+        del outs
+        return self._cut_pieces(chunk, views)
+
+    @staticmethod
+    def _cut_pieces(chunk: Chunk, views: list[memoryview]) -> tuple[tuple, int]:
+        """(pieces, cost) of a chunk decoded into ``views`` (in order, ``chunk.usize`` bytes in all)."""
         # Cut the decoded outputs into PIECE-sized views without joining them (a 16 MiB join
         # is a copy plus thousands of page faults); a piece straddling two outputs is copied.
         pieces = []
         zero = 0
-        views = [memoryview(o).toreadonly() for o in outs]
-        del outs
         vi = vo = 0  # current output, offset in it
         for start in range(0, chunk.usize, PIECE):
             n = min(PIECE, chunk.usize - start)
@@ -359,14 +372,21 @@ class ChunkedDevice(BlockDevice):
         if shared.readahead <= 0:
             return
         with shared.lock:
-            # Sequential = a streak of reads each in the same chunk as the previous read or the
-            # next one.  Random reads rarely make a streak of two, so they waste no decoding.
-            if index in (shared.last_index, shared.last_index + 1):
-                shared.streak += 1
+            # Sequential = a streak of reads each in the same chunk as its stream's previous read
+            # or the next one.  Several streams are followed at once (an NBD client copying with
+            # several connections reads a few regions in parallel); random reads rarely make a
+            # streak of two before their stream is forgotten, so they waste little decoding.
+            streams = shared.streams
+            if index in streams:
+                streak = streams.pop(index) + 1
+            elif index - 1 in streams:
+                streak = streams.pop(index - 1) + 1
             else:
-                shared.streak = 0
-            shared.last_index = index
-            if shared.streak < 2:
+                streak = 0
+                while len(streams) >= _MAX_STREAMS:
+                    streams.popitem(last=False)
+            streams[index] = streak
+            if streak < 2:
                 return
             wanted = [
                 i for i in range(index + 1, min(index + 1 + shared.readahead, len(shared.chunks)))

@@ -20,13 +20,13 @@ Blocks larger than ``max_chunk_memory`` -- notably the single Block that
 
 from __future__ import annotations
 
-import lzma
 from collections.abc import Iterator
 from typing import Any
 
 from ..block import BlockDevice, MiB
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import header as h
+from . import liblzma
 from .chunked import MAX_CHUNKS, Chunk, ChunkedDevice, _int_option
 
 #: Largest Index (per Stream) read into memory.
@@ -132,7 +132,19 @@ class XzDevice(ChunkedDevice):
         self._setup(backing, chunks, sum(c.usize for c in chunks), options)
 
     # 3. Block, decoded by liblzma inside a one-Block Stream built around it
-    def _decode_chunk(self, chunk: Chunk, backing: BlockDevice) -> Iterator[bytes]:
+    def _decode_chunk(self, chunk: Chunk, backing: BlockDevice) -> Iterator[memoryview]:
+        """Decode a Block in windows of _OUTPUT_CHUNK bytes (each valid until the next one)."""
+        yield from self._decode_windows(chunk, backing, memoryview(bytearray(min(_OUTPUT_CHUNK, chunk.usize))))
+
+    def _decode_chunk_into(self, chunk: Chunk, backing: BlockDevice, out) -> None:
+        """Decode a Block straight into ``out`` (a writable buffer of exactly its size)."""
+        for _ in self._decode_windows(chunk, backing, memoryview(out).cast("B")):
+            pass
+
+    def _decode_windows(self, chunk: Chunk, backing: BlockDevice, window: memoryview) -> Iterator[memoryview]:
+        """Decode a Block into ``window`` again and again; yields it each time it is full, and
+        the filled part at the end.  Raises unless the Block decodes to exactly its Index size
+        and liblzma verified it (only then does the last window come out)."""
         check, unpadded = chunk.extra
         where = f"xz Block {chunk.index} at file offset {chunk.cstart}"
         size_byte = backing.pread(1, chunk.cstart)[0]
@@ -151,41 +163,56 @@ class XzDevice(ChunkedDevice):
         if hdr.uncompressed_size is not None and hdr.uncompressed_size != chunk.usize:
             raise CorruptImageError(f"{where}: Block Header says {hdr.uncompressed_size} uncompressed bytes, "
                                     f"the Index {chunk.usize}")
-        dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=self._memlimit)
         index = h.build_index([(unpadded, chunk.usize)])
         tail = index + h.build_stream_footer(check, len(index))
+        inbuf = bytearray(min(_INPUT_CHUNK, chunk.csize))
 
-        def inputs() -> Iterator[bytes]:
-            yield h.build_stream_header(check) + header_bytes
+        def inputs() -> Iterator[tuple[Any, bool]]:
+            yield h.build_stream_header(check) + header_bytes, False
             pos = chunk.cstart + hsize
             end = chunk.cstart + chunk.csize
             while pos < end:
-                n = min(_INPUT_CHUNK, end - pos)
-                yield backing.pread(n, pos)
+                n = min(len(inbuf), end - pos)
+                backing.readinto(memoryview(inbuf)[:n], pos)
+                yield memoryview(inbuf)[:n], False
                 pos += n
-            yield tail
+            yield tail, True
 
+        total = filled = 0
+        spare = bytearray(1)  # where output goes once the Block has all its bytes: any is an overrun
         try:
-            for data in inputs():
-                out = dec.decompress(data, _OUTPUT_CHUNK)
-                if out:
-                    yield out
-                while not dec.eof and not dec.needs_input:
-                    out = dec.decompress(b"", _OUTPUT_CHUNK)
-                    if out:
-                        yield out
-        except lzma.LZMAError as exc:
-            msg = str(exc)
-            if "Memory usage limit" in msg:
+            with liblzma.StreamDecoder(self._memlimit) as dec:
+                for data, last in inputs():
+                    while not dec.ended and (len(data) or last):
+                        full = total == chunk.usize
+                        consumed, produced = dec.decode(data, spare if full else window[filled:], finish=last)
+                        if full and produced:
+                            raise CorruptImageError(f"{where} decodes to more than the {chunk.usize} bytes "
+                                                    f"its Index records")
+                        data = data[consumed:]
+                        if not full:
+                            filled += produced
+                            total += produced
+                            if filled == len(window) and total < chunk.usize:
+                                yield window
+                                filled = 0
+                        if not consumed and not produced:
+                            break  # no progress: the checks below say why
+                    if len(data):
+                        raise CorruptImageError(f"{where}: the decoder stopped before the end of the Block")
+                if not dec.ended or total != chunk.usize:
+                    raise CorruptImageError(f"{where}: compressed data ends early (decoded {total} of "
+                                            f"{chunk.usize} bytes)")
+        except liblzma.LzmaError as exc:
+            if exc.code == liblzma.LZMA_MEMLIMIT_ERROR:
                 raise UnsupportedFeatureError(
                     f"{where} needs more than the {self._memlimit} byte decoder memory limit (option memlimit)"
                 ) from None
-            if "Unsupported options" in msg or "unsupported" in msg.lower():
-                raise UnsupportedFeatureError(f"{where}: filter chain not supported by this liblzma ({msg})") from None
-            raise CorruptImageError(f"{where}: {msg} (compressed data, sizes or {h.CHECK_NAMES[check]} check "
+            if exc.code == liblzma.LZMA_OPTIONS_ERROR:
+                raise UnsupportedFeatureError(f"{where}: filter chain not supported by this liblzma ({exc})") from None
+            raise CorruptImageError(f"{where}: {exc} (compressed data, sizes or {h.CHECK_NAMES[check]} check "
                                     f"do not match)") from None
-        if not dec.eof or dec.unused_data:
-            raise CorruptImageError(f"{where}: compressed data ends early or has trailing bytes")
+        yield window[:filled]
 
     def layer_info(self) -> dict[str, Any]:
         checks = sorted({h.CHECK_NAMES[s["check"]] for s in self._streams})
