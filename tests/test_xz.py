@@ -170,13 +170,15 @@ def test_cache_is_bounded_and_clones_share_it(tmp_path, source):
 
 
 def test_threads_with_clones(tmp_path, source):
+    """Readers on four threads, a cache of four Blocks: constant eviction, and evicted Block
+    buffers are reused for new decodes while other threads may still be copying from them."""
     path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=256KiB", "-0")
     errors = []
     with XzDevice(FileDevice(path), cache_size=1 * MiB) as dev:
         def worker(seed):
             try:
                 with dev.clone() as c:
-                    random_reads(c, oracle, n=40, seed=seed)
+                    random_reads(c, oracle, n=150, seed=seed)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
@@ -184,6 +186,7 @@ def test_threads_with_clones(tmp_path, source):
             t.start()
         for t in threads:
             t.join()
+        assert dev.cache_info()["reused-buffers"] > 0, "the test did not exercise buffer reuse"
     assert not errors, errors
 
 

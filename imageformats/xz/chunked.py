@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import bisect
 import errno
+import mmap
 import os
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
@@ -60,6 +62,8 @@ MAX_CHUNKS = 1 << 22
 DEFAULT_READAHEAD = 2
 #: Sequential streams followed at once for read-ahead.
 _MAX_STREAMS = 4
+#: Evicted chunk buffers kept for reuse (memory beyond the cache budget: at most this many chunks).
+_MAX_SPARE_BUFFERS = 2
 
 _ZERO_PIECE = bytes(PIECE)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
@@ -104,6 +108,8 @@ class _Shared:
         self.inflight: dict[int, threading.Event] = {}
         self.spilled: set[int] = set()
         self.zero_chunks: set[int] = set()
+        self.buffers: dict[int, Any] = {}  # chunk index -> the buffer its cached pieces view
+        self.spare: list = []  # evicted chunk buffers no reader holds, kept for reuse
         self.spill_fd: int | None = None
         self.spill_bytes = 0
         self.refs = 0
@@ -113,7 +119,28 @@ class _Shared:
         self.prefetch_handles: list[BlockDevice] = []
         # Sequential readers being followed: chunk index a stream is at -> its streak.
         self.streams: OrderedDict[int, int] = OrderedDict()
-        self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0}
+        self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0, "reused-buffers": 0}
+
+    def take_buffer(self, size: int):
+        """A writable buffer of ``size`` bytes for a decoded chunk: a reused one if there is one.
+
+        Anonymous mmap: pages appear as the decoder writes them (no zero-fill first) and are
+        plain 4 KiB pages (numpy would ask for huge pages, whose allocation stalls on
+        compaction when memory is fragmented).  Reusing evicted buffers saves the page faults
+        of fresh memory, a sizeable part of decoding time on a sequential read.
+        """
+        with self.lock:
+            for i, buf in enumerate(self.spare):
+                if len(buf) == size:
+                    self.stats["reused-buffers"] += 1
+                    return self.spare.pop(i)
+        return mmap.mmap(-1, size) if size else bytearray()
+
+    def give_back(self, buf) -> None:
+        """Keep a chunk buffer nobody reads any more for the next decode (a few at most)."""
+        with self.lock:
+            if len(self.spare) < _MAX_SPARE_BUFFERS and len(buf):
+                self.spare.append(buf)
 
     def close(self) -> None:
         pool, self.pool = self.pool, None
@@ -129,6 +156,8 @@ class _Shared:
             os.close(self.spill_fd)
             self.spill_fd = None
         self.cache.clear()
+        self.buffers.clear()
+        self.spare.clear()
         self.cache_bytes = 0
 
 
@@ -206,19 +235,26 @@ class ChunkedDevice(BlockDevice):
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice) -> tuple[tuple, int]:
-        """Decode a chunk into memory: (pieces, bytes charged to the cache).
+    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice) -> tuple[tuple, int, Any]:
+        """Decode a chunk into memory: (pieces, bytes charged to the cache, the buffer the
+        pieces are views of if it may be reused once they are evicted, else None).
 
         Pieces are PIECE-sized views (None = all zero).  A mostly non-zero chunk
         keeps its one decoded buffer; a chunk with many zero pieces keeps copies
         of its non-zero pieces only.
         """
         if hasattr(self, "_decode_chunk_into"):
-            # One array for the whole chunk (numpy asks for huge pages for big ones), filled by
-            # the decoder directly: no per-piece allocations, no join.
-            whole = np.empty(chunk.usize, np.uint8)
+            # One buffer for the whole chunk, filled by the decoder directly: no per-piece
+            # allocations, no join.  Anonymous mmap: pages appear as the decoder writes them
+            # (no zero-fill first) and are plain 4 KiB pages (numpy would ask for huge pages,
+            # whose allocation stalls on compaction when memory is fragmented).
+            whole = self._shared.take_buffer(chunk.usize)
             self._decode_chunk_into(chunk, backing, whole)
-            return self._cut_pieces(chunk, [memoryview(whole).toreadonly()])
+            pieces, cost = self._cut_pieces(chunk, [memoryview(whole).toreadonly()])
+            if cost < chunk.usize:  # mostly zero: the pieces are copies; the buffer is free again
+                self._shared.give_back(whole)
+                return pieces, cost, None
+            return pieces, cost, whole
         outs = []
         pos = 0
         for out in self._decode_chunk(chunk, backing):
@@ -232,7 +268,7 @@ class ChunkedDevice(BlockDevice):
                 f"{self.format_name} chunk {chunk.index} decodes to {pos} bytes, its index records {chunk.usize}")
         views = [memoryview(o).toreadonly() for o in outs]
         del outs
-        return self._cut_pieces(chunk, views)
+        return (*self._cut_pieces(chunk, views), None)
 
     @staticmethod
     def _cut_pieces(chunk: Chunk, views: list[memoryview]) -> tuple[tuple, int]:
@@ -346,7 +382,8 @@ class ChunkedDevice(BlockDevice):
                         shared.spilled.add(index)
                         shared.stats["decoded"] += 1
                     return SPILLED
-                pieces, cost = self._decode_to_pieces(chunk, backing)
+                pieces, cost, buf = self._decode_to_pieces(chunk, backing)
+                reusable = []
                 with shared.lock:
                     shared.stats["decoded"] += 1
                     if prefetch:
@@ -355,10 +392,21 @@ class ChunkedDevice(BlockDevice):
                         shared.zero_chunks.add(index)
                     shared.cache[index] = pieces
                     shared.costs[index] = cost
+                    if buf is not None:
+                        shared.buffers[index] = buf
                     shared.cache_bytes += cost
                     while shared.cache_bytes > shared.cache_size and len(shared.cache) > 1:
-                        old, _ = shared.cache.popitem(last=False)
+                        old, old_pieces = shared.cache.popitem(last=False)
                         shared.cache_bytes -= shared.costs.pop(old)
+                        old_buf = shared.buffers.pop(old, None)
+                        # Reuse the buffer only if no reader still holds the evicted pieces: then
+                        # `old_pieces` (and getrefcount's own argument) are the tuple's only
+                        # references.  A reader copying from them keeps the buffer from reuse.
+                        if old_buf is not None and sys.getrefcount(old_pieces) <= 2:
+                            reusable.append(old_buf)
+                        del old_pieces
+                for old_buf in reusable:
+                    shared.give_back(old_buf)
                 return pieces
             finally:
                 with shared.lock:
