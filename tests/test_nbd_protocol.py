@@ -10,6 +10,7 @@ import os
 import random
 import struct
 import threading
+import time
 
 import pytest
 
@@ -251,6 +252,39 @@ def test_file_shrunk_under_the_server_is_never_wrong_data(tmp_path, structured):
         assert got in (None, "dropped"), "bytes past the end of a shrunk file were served as data"
         c.close()
     dev.close()
+
+
+class _SlowDevice(MemoryDevice):
+    """Reads take 30 ms (an xz Block decode, an HTTP round trip)."""
+
+    def _readinto(self, buf, offset):
+        time.sleep(0.03)
+        super()._readinto(buf, offset)
+
+    def clone(self):
+        return _SlowDevice(self.data, writable=False)
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_workers_grow_only_for_slow_requests(tmp_path, slow):
+    """One worker per connection serves fast devices (more threads only fight over the GIL);
+    requests slower than 10 ms make the connection add workers, up to the limit."""
+    data = os.urandom(1 << 20)
+    dev = (_SlowDevice if slow else MemoryDevice)(data, writable=False)
+    with ServerThread([Export("d", dev)], str(tmp_path / "nbd.sock"), workers=3) as srv:
+        c = RawClient(srv.sock_path)
+        c.handshake()
+        c.go("d")
+        for i in range(12):  # pipelined
+            c.request(P.NBD_CMD_READ, i * 4096, 4096, cookie=100 + i)
+        replies = {}
+        for _ in range(12):
+            chunks = c.chunks()
+            replies[chunks[0][2]] = b"".join(ck[3][8:] for ck in chunks)
+        assert replies == {100 + i: data[i * 4096 : (i + 1) * 4096] for i in range(12)}
+        workers = sum(t.name == "nbd-worker" for t in threading.enumerate())
+        assert workers == (3 if slow else 1)
+        c.close()
 
 
 def test_block_status_req_one(served):

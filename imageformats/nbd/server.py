@@ -4,8 +4,9 @@ Implements the fixed newstyle handshake and the transmission phase of the NBD
 protocol (NetworkBlockDevice/nbd ``doc/proto.md``; section names are cited in
 comments).  The handshake runs on an asyncio event loop; device I/O is
 blocking, so the transmission phase of a plain connection runs on threads (a
-reader and a few workers per connection, each worker on its own
-``device.clone()`` where the device can be cloned), and TLS connections run
+reader, and one worker per connection that becomes up to ``workers`` when
+requests are slow, each worker on its own ``device.clone()`` where the device
+can be cloned; file data goes out with sendfile()), and TLS connections run
 their requests in a shared thread pool.  Requests in flight and request sizes
 are bounded.  Not implemented: the oldstyle handshake, extended headers
 (NBD_OPT_EXTENDED_HEADERS is answered NBD_REP_ERR_UNSUP), NBD_CMD_RESIZE.
