@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seed="${1:-$RANDOM}"
 python3 scripts/fuzz-long.py --inputs "${FUZZ_INPUTS:-20000}" --seed "$seed"
-FUZZ_EXAMPLES="${FUZZ_EXAMPLES:-1000}" FAULT_EXAMPLES="${FAULT_EXAMPLES:-200}" python3 -m pytest -n 2 -q tests/test_fuzz_formats.py tests/test_fault_injection.py
+FUZZ_EXAMPLES="${FUZZ_EXAMPLES:-1000}" FAULT_EXAMPLES="${FAULT_EXAMPLES:-200}" FAULT_RANDOM=1 python3 -m pytest -n 2 -q tests/test_fuzz_formats.py tests/test_fault_injection.py
 CRASH_POINTS=all CRASH_SEEDS="${CRASH_SEEDS:-6}" python3 -m pytest -n 2 -q tests/test_crash_safety.py
 LOAD_SECONDS="${LOAD_SECONDS:-60}" python3 -m pytest -q -s tests/test_nbd_load.py

@@ -28,6 +28,10 @@ STORED_HEADER = 5  # byte-aligned: the header byte (BFINAL/BTYPE/padding) + LEN 
 FINAL_EMPTY_BLOCK = b"\x03\x00"
 #: RFC 1951 3.2.5: the longest match distance; data further back can never be referenced.
 MAX_DISTANCE = 32768
+#: RFC 1951 3.2.5-3.2.7: the most output one byte of deflate data can give.  A match is at most
+#: 258 bytes and costs at least 2 bits (a 1-bit length code + a 1-bit distance code), so n bytes of
+#: deflate data (block headers and end-of-block codes included) always decode to < 1032 * n bytes.
+MAX_DEFLATE_RATIO = 1032
 
 # RFC 1952 2.3.1.1: our FEXTRA subfield "PD" (partial deflate) holding the stored-range map.
 MAP_SI = b"PD"

@@ -10,8 +10,10 @@ Two ways to learn the layout of a gzip file:
   It is checked, never trusted blindly: the member must be the only one, the
   trailer must sit where the map says with a matching ISIZE, the stored block
   headers at both ends of every run must be where the map puts them (and every
-  header a patch or read touches is checked again), and the data after each run
-  must not refer back into it (below).
+  header a patch or read touches is checked again), no compressed stretch may
+  claim more output than deflate can give (``MAX_DEFLATE_RATIO``; ISIZE checks the
+  64-bit size mod 2^32 only), and the data after each run must not refer back
+  into it (below).
 
 Editable means more than "stored": a later Huffman block may copy bytes from up
 to 32 KiB back (RFC 1951 3.2.5), so changing stored bytes it copies from would
@@ -464,10 +466,12 @@ def read_map(dev) -> GzipLayout | None:
         return None
     runs: list[StoredRun] = []
     prev_end = 0
+    prev_f = mh.data_offset
     for i in range(count):
         ustart, ulen, fstart, blocklen = H.MapRun.unpack_from(payload, H.MAP_HEADER_SIZE + i * H.MAP_RUN_SIZE)
         if (ulen <= 0 or blocklen <= 0 or blocklen > H.STORED_MAX or ustart < prev_end
-                or ustart + ulen > usize or fstart < mh.data_offset):
+                or ustart + ulen > usize or fstart < prev_f
+                or ustart - prev_end > H.MAX_DEFLATE_RATIO * (fstart - prev_f)):
             return None
         run = StoredRun(0, ustart, ulen, fstart=fstart, blocklen=blocklen)
         if run.end_foffset > trailer_offset:
@@ -483,6 +487,12 @@ def read_map(dev) -> GzipLayout | None:
                 return None
         runs.append(run)
         prev_end = ustart + ulen
+        prev_f = run.end_foffset
+    # The map's 64-bit sizes are covered by nothing (FEXTRA has no check without FHCRC, RFC 1952
+    # 2.3.1) and ISIZE checks usize mod 2^32 only: a flipped high bit would make a device of up
+    # to 2^64 bytes.  Every compressed stretch can hold at most MAX_DEFLATE_RATIO times its bytes.
+    if usize - prev_end > H.MAX_DEFLATE_RATIO * (trailer_offset - prev_f):
+        return None
     member = Member(0, mh.data_offset, 0, usize, trailer_offset, crc)
     return GzipLayout([member], runs, "map", size, dev)
 
