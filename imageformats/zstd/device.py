@@ -30,6 +30,8 @@ from ..xz.chunked import MAX_CHUNKS, Chunk, ChunkedDevice, _write_pieces
 from . import header as h
 
 _OUTPUT_CHUNK = 4 * MiB
+#: Compressed bytes per decoder call when decoding a plain .zst at open (bounds each call's output).
+_PLAIN_INPUT = 4096
 
 
 def compress_bound(n: int) -> int:
@@ -153,16 +155,34 @@ class ZstdDevice(ChunkedDevice):
         except OSError as exc:
             raise DeviceIOError(f"cannot create the temporary file for a plain zstd file: {exc.strerror or exc}") from None
         pos = written = 0
+        pending = bytearray()  # decoded bytes not yet written (flushed in _OUTPUT_CHUNK batches)
+        dctx = zstandard.ZstdDecompressor()
+        frame = None  # the decoder of the frame being decoded
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(_Reader(backing, 0, backing.size),
-                                                               read_across_frames=True)
-            while True:
-                out = reader.read(_OUTPUT_CHUNK)
-                if not out:
-                    break
-                mv = memoryview(out)
-                written += _write_pieces(fd, mv, pos)
-                pos += len(mv)
+            # One decompressobj per frame: unlike stream_reader, it says whether the frame ended
+            # (``eof``), so a file cut (or corrupted) in the middle of a frame is an error, not a
+            # shorter image.  Small input pieces bound the output of one call (at most 32768:1).
+            for in_pos in range(0, backing.size, _PLAIN_INPUT):
+                if in_pos % MiB == 0:
+                    block = backing.pread(min(MiB, backing.size - in_pos), in_pos)
+                data = block[in_pos % MiB:in_pos % MiB + _PLAIN_INPUT]
+                while data:
+                    if frame is None:
+                        frame = dctx.decompressobj()
+                    pending += frame.decompress(data)
+                    data = b""
+                    if frame.eof:
+                        data, frame = frame.unused_data, None
+                    if len(pending) >= _OUTPUT_CHUNK:
+                        with memoryview(pending) as mv:
+                            written += _write_pieces(fd, mv, pos)
+                        pos += len(pending)
+                        pending.clear()
+            if frame is not None:
+                raise CorruptImageError(f"zstd data ends in the middle of a frame (after {pos + len(pending)} "
+                                        f"decoded bytes)")
+            written += _write_pieces(fd, memoryview(pending), pos)
+            pos += len(pending)
             os.ftruncate(fd, pos)
         except zstandard.ZstdError as exc:
             os.close(fd)
