@@ -42,8 +42,9 @@ def register(sub) -> None:
     p.add_argument("--max-payload", type=parse_size, default=DEFAULT_MAX_PAYLOAD, metavar="SIZE",
                    help="largest READ/WRITE request (default 32M)")
     p.add_argument("--max-inflight", type=int, default=16, metavar="N", help="requests in flight per connection")
-    p.add_argument("--workers", type=int, default=4, metavar="N", help="most worker threads per connection (default 4); a connection starts with "
-                   "one and adds one whenever a request takes over 10 ms")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="most worker threads per connection (default 4); a connection starts with one "
+                        "and adds one whenever a request takes over 10 ms")
     p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O threads shared by TLS connections")
     p.add_argument("--tls", choices=["off", "on", "require"], default="off",
                    help="TLS mode (needs --tls-certificates or --tls-psk)")

@@ -167,7 +167,10 @@ class ChunkedDevice(BlockDevice):
     Subclasses call ``_setup(backing, chunks, size, options)`` and implement
     ``_decode_chunk(chunk, backing) -> Iterator[bytes-like]`` that yields the
     decoded bytes in order and raises CorruptImageError (before its last
-    ``yield`` returns control for good) when the chunk fails its check.
+    ``yield`` returns control for good) when the chunk fails its check.  A
+    subclass may also define ``_decode_chunk_into(chunk, backing, out)`` that
+    decodes the whole chunk into a buffer of its size (then used for chunks kept
+    in memory); its ``_decode_chunk`` may then reuse one buffer for every yield.
     """
 
     readonly = True
@@ -245,9 +248,7 @@ class ChunkedDevice(BlockDevice):
         """
         if hasattr(self, "_decode_chunk_into"):
             # One buffer for the whole chunk, filled by the decoder directly: no per-piece
-            # allocations, no join.  Anonymous mmap: pages appear as the decoder writes them
-            # (no zero-fill first) and are plain 4 KiB pages (numpy would ask for huge pages,
-            # whose allocation stalls on compaction when memory is fragmented).
+            # allocations, no join.
             whole = self._shared.take_buffer(chunk.usize)
             self._decode_chunk_into(chunk, backing, whole)
             pieces, cost = self._cut_pieces(chunk, [memoryview(whole).toreadonly()])

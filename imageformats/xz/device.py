@@ -3,7 +3,7 @@
 The Index of every Stream (xz-file-format.txt section 4) is read at open time,
 walking the file backwards from the last Stream Footer over Stream Padding
 and concatenated Streams (section 2.2).  A read decodes only the Blocks it
-touches.  A Block is decoded by liblzma (Python's ``lzma``) from a one-Block
+touches.  A Block is decoded by liblzma (through ctypes: liblzma.py) from a one-Block
 Stream assembled around the Block's stored bytes: our Stream Header, the Block
 as stored, and a one-record Index built from the file's Index record.  liblzma
 thus verifies, in C, the Block Header CRC32, the Block's Check (CRC32, CRC64
