@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -615,6 +616,26 @@ class SliceDevice(BlockDevice):
 
 
 # ---------------------------------------------------------------------------------
+# ordered_results
+
+
+def ordered_results(pool: ThreadPoolExecutor, fn: Callable, jobs: Iterable[tuple], window: int) -> Iterator[Any]:
+    """``fn(*job)`` for every job on ``pool``, yielded in the order of ``jobs``.
+
+    At most ``window`` jobs are submitted ahead of the one being consumed, so a slow job
+    at the head does not idle the other threads and memory stays bounded (the writers of
+    multi-Block xz and seekable zstd files use it to compress on both cores and write in order).
+    """
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, *job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------------------------
 # PerThreadReader
 
 
@@ -790,6 +811,7 @@ __all__ = [
     "copy",
     "CopyStats",
     "PerThreadReader",
+    "ordered_results",
     "merge_extents",
     "is_zero",
     "zero_runs",

@@ -501,3 +501,31 @@ def test_copy_propagates_read_errors(workers):
         copy(src, dst, workers=workers, chunk=MiB)
     assert dst.data[: MiB] == b"\x01" * MiB  # pieces before the error were copied
     assert not src.closed and not dst.closed  # the caller's handles stay open (clones are closed)
+
+
+def test_ordered_results_keeps_order_and_bounds_the_window():
+    """Jobs that finish in reverse order still come out in submission order, and no more than
+    ``window`` are submitted ahead of the one being consumed."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imageformats.block import ordered_results
+
+    started = []
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (8 - i % 8))  # later jobs finish first
+        return i * i
+
+    seen_ahead = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        out = []
+        for value in ordered_results(pool, job, ((i,) for i in range(24)), 4):
+            out.append(value)
+            with lock:
+                seen_ahead.append(len(started) - len(out))
+    assert out == [i * i for i in range(24)]
+    assert max(seen_ahead) <= 3

@@ -17,12 +17,12 @@ import lzma
 import os
 import struct
 import zlib
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..block import BlockDevice, PerThreadReader
+from ..block import BlockDevice, PerThreadReader, ordered_results
 from ..errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
+from ..xz import header as xz_header
 from ..xz.header import decode_vlis, encode_vli
 from .crc import CRC32, CRC64, crc64
 from .layout import format_ranges
@@ -120,37 +120,20 @@ def write_xz(src: BlockDevice, out_path: str, stored: list[tuple[int, int]], *, 
     records: list[tuple[int, int]] = []
     with open(tmp, "wb") as f:
         try:
-            flags = bytes([0, kind])
-            f.write(HEADER_MAGIC + flags + struct.pack("<I", zlib.crc32(flags)))
+            f.write(xz_header.build_stream_header(kind))
             done = 0
+            jobs = ((a, min(e, a + (STORED_BLOCK if st else COMPRESSED_BLOCK)), st)
+                    for s, e, st in segs for a in range(s, e, STORED_BLOCK if st else COMPRESSED_BLOCK))
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                pending: deque = deque()
-
-                def drain():
-                    nonlocal done
-                    block, unpadded, n = pending.popleft().result()
+                for block, unpadded, n in ordered_results(pool, work, jobs, 3 * max(1, threads)):
                     f.write(block)
                     records.append((unpadded, n))
                     done += n
                     if progress is not None:
                         progress(done, size)
-
-                for s, e, st in segs:
-                    step = STORED_BLOCK if st else COMPRESSED_BLOCK
-                    for a in range(s, e, step):
-                        pending.append(pool.submit(work, a, min(e, a + step), st))
-                        if len(pending) >= 3 * max(1, threads):
-                            drain()
-                while pending:
-                    drain()
-            index = bytearray(b"\x00" + encode_vli(len(records)))
-            for unpadded, n in records:
-                index += encode_vli(unpadded) + encode_vli(n)
-            index += bytes(_pad4(len(index)))
-            index += struct.pack("<I", zlib.crc32(index))
+            index = xz_header.build_index(records)
             f.write(index)
-            back = struct.pack("<I", len(index) // 4 - 1) + flags
-            f.write(struct.pack("<I", zlib.crc32(back)) + back + FOOTER_MAGIC)
+            f.write(xz_header.build_stream_footer(kind, len(index)))
             f.flush()
             os.fsync(f.fileno())
             ok = True

@@ -13,11 +13,10 @@ from __future__ import annotations
 import lzma
 import os
 import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..block import BlockDevice, MiB, is_zero
+from ..block import BlockDevice, MiB, is_zero, ordered_results
 from ..errors import CorruptImageError, DeviceIOError, InvalidArgumentError
 from . import header as h
 
@@ -160,24 +159,13 @@ def write_xz(src: BlockDevice, dst_path: str, options: dict[str, Any], progress=
     try:
         with f, ThreadPoolExecutor(max_workers=threads) as pool:
             f.write(h.build_stream_header(check))
-            pending: deque = deque()
-            offsets = iter(range(0, src.size, bs))
-
-            def drain_one() -> None:
-                nonlocal done
-                block, unpadded, length = pending.popleft().result()
+            jobs = ((offset, min(bs, src.size - offset)) for offset in range(0, src.size, bs))
+            for block, unpadded, length in ordered_results(pool, job, jobs, threads * 4):
                 f.write(block)
                 records.append((unpadded, length))
                 done += length
                 if progress is not None:
                     progress(done, src.size)
-
-            for offset in offsets:
-                pending.append(pool.submit(job, offset, min(bs, src.size - offset)))
-                if len(pending) >= threads * 4:  # a slow Block at the head must not idle the others
-                    drain_one()
-            while pending:
-                drain_one()
             index = h.build_index(records)
             f.write(index)
             f.write(h.build_stream_footer(check, len(index)))

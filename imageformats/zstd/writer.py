@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zstandard
 
-from ..block import BlockDevice, MiB, is_zero
+from ..block import BlockDevice, MiB, is_zero, ordered_results
 from ..errors import DeviceIOError, InvalidArgumentError
 from ..xz.writer import _zero_ranges
 from . import header as h
@@ -108,23 +107,13 @@ def write_zstd(src: BlockDevice, dst_path: str, options: dict[str, Any], progres
         raise DeviceIOError(f"cannot create {dst_path}: {exc.strerror or exc}") from None
     try:
         with f, ThreadPoolExecutor(max_workers=threads) as pool:
-            pending: deque = deque()
-
-            def drain_one() -> None:
-                nonlocal done
-                frame, length = pending.popleft().result()
+            jobs = ((offset, min(fs, src.size - offset)) for offset in range(0, src.size, fs))
+            for frame, length in ordered_results(pool, job, jobs, threads * 4):
                 f.write(frame)
                 entries.append((len(frame), length, int.from_bytes(frame[-4:], "little") if checksum else None))
                 done += length
                 if progress is not None:
                     progress(done, src.size)
-
-            for offset in range(0, src.size, fs):
-                pending.append(pool.submit(job, offset, min(fs, src.size - offset)))
-                if len(pending) >= threads * 4:  # a slow Block at the head must not idle the others
-                    drain_one()
-            while pending:
-                drain_one()
             f.write(h.build_seek_table(entries, checksum))
     except OSError as exc:
         raise DeviceIOError(f"writing {dst_path}: {exc.strerror or exc}") from None
