@@ -2,6 +2,7 @@
 """Benchmark: nbdcopy from the built-in NBD server vs nbdkit, over a Unix socket (captive servers).
 
     python3 bench/nbd_serve.py [--size 1G] [--cases raw,xz,luks] [--repeat 2] [--dir /var/tmp]
+                               [--serve-args "--workers 4"]
 
 raw:  a fully written (random) raw file: imageformats serve FILE  vs  nbdkit file FILE
 xz:   a multi-block xz of a raw image: imageformats serve F.xz  vs  nbdkit file F.xz --filter=xz
@@ -103,7 +104,9 @@ def main() -> int:
     ap.add_argument("--cases", default="raw,xz,luks")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", default=None, help="where to put the images (default: a temp dir)")
+    ap.add_argument("--serve-args", default="", help="extra arguments for imageformats serve (e.g. '--workers 1')")
     args = ap.parse_args()
+    extra = args.serve_args.split()
     size = parse_size(args.size)
     cases = args.cases.split(",")
     work = tempfile.mkdtemp(prefix="nbd-bench-", dir=args.dir)
@@ -112,7 +115,7 @@ def main() -> int:
         if "raw" in cases:
             raw = os.path.join(work, "disk.raw")
             make_random_raw(raw, size)
-            ours = timed_copy([*IMAGEFORMATS, "serve", raw, "--socket", sock], sock, args.repeat)
+            ours = timed_copy([*IMAGEFORMATS, "serve", *extra, raw, "--socket", sock], sock, args.repeat)
             theirs = timed_copy(["nbdkit", "-f", "-U", sock, "file", raw], sock, args.repeat)
             report("raw", size, ours, theirs, "nbdkit file")
             os.unlink(raw)
@@ -123,7 +126,7 @@ def main() -> int:
             xz = raw + ".xz"
             with open(xz, "wb") as out:
                 subprocess.run(["xz", "-T2", "-1", "--block-size=16MiB", "-c", raw], stdout=out, check=True)
-            ours = timed_copy([*IMAGEFORMATS, "serve", xz, "--socket", sock], sock, args.repeat)
+            ours = timed_copy([*IMAGEFORMATS, "serve", *extra, xz, "--socket", sock], sock, args.repeat)
             theirs = timed_copy(["nbdkit", "-f", "-U", sock, "file", xz, "--filter=xz"], sock, args.repeat)
             report("xz", small, ours, theirs, "nbdkit --filter=xz")
             os.unlink(raw)
@@ -143,7 +146,7 @@ def main() -> int:
                     break
             else:
                 raise SystemExit("qemu-img could not create the LUKS image")
-            ours = timed_copy([*IMAGEFORMATS, "serve", "--passphrase-file", secret, luks, "--socket", sock], sock,
+            ours = timed_copy([*IMAGEFORMATS, "serve", *extra, "--passphrase-file", secret, luks, "--socket", sock], sock,
                               args.repeat)
             theirs = timed_copy(["nbdkit", "-f", "-U", sock, "file", luks, "--filter=luks", f"passphrase=+{secret}"],
                                 sock, args.repeat)
