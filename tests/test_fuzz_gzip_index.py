@@ -107,6 +107,25 @@ def test_fuzz_gzip_index_import(gz, tmp_path, which):
     run()
 
 
+def test_regression_index_length_field_is_checked_before_reading(gz, tmp_path):
+    """A flipped bit in the metadata length (found by CI's random run: bit 4 of byte 11, +256 MiB)
+    made the import read(n) allocate n bytes before finding the file far shorter."""
+    raw, files = gz
+    data, index = files["gzip"]
+    bad = bytearray(index)
+    bad[11] ^= 1 << 4
+    path = tmp_path / "long.idx"
+    path.write_bytes(bytes(bad))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageFormatError, match="runs past the end"):
+            detect.open(H.RecordingDevice(data), format="gzip", gzip_index=str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
 def test_regression_index_with_a_string_offset(gz, tmp_path):
     """Found by this fuzzer: an access point whose offset was a string escaped as TypeError from bisect."""
     from imageformats.errors import CorruptImageError

@@ -281,8 +281,9 @@ class GzipDevice(BlockDevice):
             if len(head) != 16 or head[:8] != INDEX_MAGIC:
                 raise CorruptImageError(f"{path} is not a gzip index")
             (n,) = struct.unpack("<Q", head[8:])
-            if n > 1 << 30:
-                raise CorruptImageError(f"{path}: index metadata too large")
+            # Checked against the file before reading: f.read(n) allocates n bytes up front.
+            if n > os.fstat(f.fileno()).st_size - 16:
+                raise CorruptImageError(f"{path}: index metadata length {n} runs past the end of the file")
             try:
                 meta = json.loads(f.read(n))
                 blob = f.read()
