@@ -253,6 +253,21 @@ class BlockDevice:
     def _file_range(self, length: int, offset: int) -> tuple[int, int] | None:
         return None
 
+    def memory_range(self, length: int, offset: int) -> memoryview | None:
+        """The bytes of ``[offset, offset+length)`` as a read-only view of memory the device
+        already holds (a decoded cache entry), if they lie in one such buffer.
+
+        Lets a server send cached bytes without copying them first.  The view stays valid
+        and its bytes unchanged for as long as the caller holds it (the device does not
+        reuse that memory meanwhile); drop it promptly, it pins the memory.  None (the
+        default) when the bytes must come through readinto().
+        """
+        self._check_range(length, offset)
+        return self._memory_range(length, offset)
+
+    def _memory_range(self, length: int, offset: int) -> memoryview | None:
+        return None
+
     def clone(self) -> "BlockDevice":
         """An independent handle on the same image, for another thread or connection."""
         raise UnsupportedFeatureError(f"{self.format_name} device cannot be cloned")
