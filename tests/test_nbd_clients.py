@@ -14,6 +14,7 @@ import sys
 
 from imageformats.block import FileDevice
 from imageformats.nbd.server import Export
+from imageformats.xz import XzDevice
 
 from nbd_util import ServerThread, serve_cli, system_python
 from luks_tools import qemu_create, qemu_write
@@ -230,3 +231,22 @@ def test_luks_and_xz_stacks_served(tmp_path):
     run("nbdkit", "-U", tmp_path / "k", "python", plugin, f"file={luks}", f"passphrase-file={secret}",
         "--run", f'nbdcopy "$uri" {out2}')
     assert out2.read_bytes() == raw.read_bytes()
+
+
+def test_xz_cache_views_sent_while_blocks_are_evicted(tmp_path):
+    """Aligned reads of a cached xz Block go out as views of the cache (no copy) while other
+    requests evict Blocks and decode new ones into recycled buffers: nbdcopy (4 connections,
+    many requests in flight) must still get exactly xz's own output."""
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(os.urandom(6 << 20))  # incompressible: Blocks are kept whole, as one buffer each
+    xz = tmp_path / "r.raw.xz"
+    xz.write_bytes(run("xz", "-0", "-T2", "--block-size=256KiB", "-c", raw).stdout)
+    oracle = run("xz", "-dc", xz).stdout
+    dev = XzDevice(FileDevice(xz), cache_size=1 << 20)  # 4 Blocks of 24: constant eviction
+    with ServerThread([Export("x", dev)], str(tmp_path / "s")) as srv:
+        out = tmp_path / "out.raw"
+        for _ in range(3):
+            run("nbdcopy", "--request-size=65536", f"nbd+unix:///x?socket={srv.sock_path}", out)
+            assert out.read_bytes() == oracle
+        assert dev.cache_info()["reused-buffers"] > 0, "the test did not exercise buffer reuse"
+    dev.close()

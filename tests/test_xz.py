@@ -190,6 +190,45 @@ def test_threads_with_clones(tmp_path, source):
     assert not errors, errors
 
 
+def random_xz(tmp_path, blocks=12):
+    """An xz of incompressible bytes in 256 KiB Blocks (each decoded Block is kept as one buffer)."""
+    raw = tmp_path / "random.raw"
+    raw.write_bytes(random.Random(5).randbytes(blocks * 256 * KiB))
+    out = tmp_path / "random.raw.xz"
+    out.write_bytes(run("xz", "-c", "-T2", "--block-size=256KiB", "-0", raw).stdout)
+    return out, run("xz", "-dc", out).stdout
+
+
+def test_memory_range_view_outlives_eviction(tmp_path):
+    """A view from memory_range() keeps its bytes while its Block is evicted and buffers are
+    recycled for new decodes (a server may still be sending it)."""
+    path, oracle = random_xz(tmp_path)
+    block = 256 * KiB
+    with XzDevice(FileDevice(path), cache_size=block, readahead=0) as dev:
+        view = dev.memory_range(64 * KiB, block + 4096)
+        assert bytes(view) == oracle[block + 4096:block + 4096 + 64 * KiB]
+        assert dev.memory_range(8192, block - 4096) is None  # spans two Blocks: no single view
+        for i in range(2, 12):  # each decode evicts the one before; Block 1's buffer is pinned
+            assert dev.pread(4096, i * block) == oracle[i * block:i * block + 4096]
+        assert dev.cache_info()["reused-buffers"] > 0, "the test did not exercise buffer reuse"
+        assert bytes(view) == oracle[block + 4096:block + 4096 + 64 * KiB]
+        del view
+
+
+def test_sequential_scan_evicts_what_it_passed(tmp_path):
+    """A sequential reader keeps only the last Blocks it passed, so a scan reuses a few buffers
+    instead of filling the cache, and decodes nothing twice."""
+    path, oracle = random_xz(tmp_path)
+    with XzDevice(FileDevice(path), readahead=2) as dev:  # the default cache would hold all 12
+        step = 64 * KiB
+        for off in range(0, dev.size, step):
+            assert dev.pread(step, off) == oracle[off:off + step]
+        info = dev.cache_info()
+        assert info["decoded"] == 12
+        assert info["cached-chunks"] == 3  # the Block being read and the two before it
+        assert info["reused-buffers"] > 0
+
+
 def test_readonly_and_range(tmp_path, source):
     path, oracle = xz_file(tmp_path, source, "-0")
     with imageformats.open(str(path)) as dev:

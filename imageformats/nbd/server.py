@@ -910,7 +910,8 @@ class _Connection:
     def _read_pieces(dev: BlockDevice, offset: int, length: int, use_extents: bool, scratch=None) -> list:
         """Read a range; returns ``[(offset, length, content)]`` covering it in order, where
         content is None for a hole, a memoryview of the bytes, or (thread mode only) a
-        _FileSpan when the bytes lie verbatim in a file and can go out with sendfile().
+        _FileSpan when the bytes lie verbatim in a file and can go out with sendfile(), or
+        a view of the device's own memory (memory_range()) sent without a copy.
 
         ``scratch``: a thread-local holder whose buffer may be reused (thread mode, where
         the reply is sent before the worker takes its next request).
@@ -941,9 +942,15 @@ class _Connection:
             if hole:
                 out.append((start, n, None))
                 continue
-            in_file = dev.file_range(n, start) if scratch is not None else None
+            in_file = in_memory = None
+            if scratch is not None:  # thread mode: the reply goes out before these are dropped
+                in_file = dev.file_range(n, start)
+                if in_file is None:
+                    in_memory = dev.memory_range(n, start)
             if in_file is not None:
                 out.append((start, n, _FileSpan(in_file[0], in_file[1], n)))
+            elif in_memory is not None:
+                out.append((start, n, in_memory))
             else:
                 out.append((start, n, b""))  # filled below
                 to_read.append(len(out) - 1)

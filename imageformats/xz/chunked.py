@@ -64,6 +64,10 @@ DEFAULT_READAHEAD = 2
 _MAX_STREAMS = 4
 #: Evicted chunk buffers kept for reuse (memory beyond the cache budget: at most this many chunks).
 _MAX_SPARE_BUFFERS = 2
+#: Chunks a sequential stream has read past that stay cached; older ones are evicted at once
+#: (a scan would otherwise fill the whole cache with chunks it will not read again, each in
+#: freshly faulted-in memory, and evict what random readers use).
+_PASSED_KEEP = 2
 
 _ZERO_PIECE = bytes(PIECE)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
@@ -119,6 +123,8 @@ class _Shared:
         self.prefetch_handles: list[BlockDevice] = []
         # Sequential readers being followed: chunk index a stream is at -> its streak.
         self.streams: OrderedDict[int, int] = OrderedDict()
+        # Cached chunks a sequential stream has read past, oldest first.
+        self.passed: OrderedDict[int, None] = OrderedDict()
         self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0, "reused-buffers": 0}
 
     def take_buffer(self, size: int):
@@ -146,6 +152,20 @@ class _Shared:
             if len(self.spare) < _MAX_SPARE_BUFFERS and len(buf):
                 self.spare.append(buf)
 
+    def evict_locked(self, index: int):
+        """Drop a chunk from the cache (lock held); returns its buffer if it may be reused now."""
+        del self.cache[index]
+        self.passed.pop(index, None)
+        self.cache_bytes -= self.costs.pop(index)
+        buf = self.buffers.pop(index, None)
+        # Every view of the buffer (the cached pieces, slices a reader is copying from or a
+        # server is sending) keeps one memoryview export of it alive, and that export holds a
+        # reference to the buffer.  With the cache entry gone, only `buf` and getrefcount's
+        # own argument remain if nobody holds a view: then reuse is safe.
+        if buf is not None and sys.getrefcount(buf) <= 2:
+            return buf
+        return None
+
     def close(self) -> None:
         pool, self.pool = self.pool, None
         if pool is not None:
@@ -160,6 +180,7 @@ class _Shared:
             os.close(self.spill_fd)
             self.spill_fd = None
         self.cache.clear()
+        self.passed.clear()
         self.buffers.clear()
         self.spare.clear()
         self.cache_bytes = 0
@@ -401,15 +422,10 @@ class ChunkedDevice(BlockDevice):
                         shared.buffers[index] = buf
                     shared.cache_bytes += cost
                     while shared.cache_bytes > shared.cache_size and len(shared.cache) > 1:
-                        old, old_pieces = shared.cache.popitem(last=False)
-                        shared.cache_bytes -= shared.costs.pop(old)
-                        old_buf = shared.buffers.pop(old, None)
-                        # Reuse the buffer only if no reader still holds the evicted pieces: then
-                        # `old_pieces` (and getrefcount's own argument) are the tuple's only
-                        # references.  A reader copying from them keeps the buffer from reuse.
-                        if old_buf is not None and sys.getrefcount(old_pieces) <= 2:
+                        old_buf = shared.evict_locked(next(iter(shared.cache)))
+                        if old_buf is not None:
                             reusable.append(old_buf)
-                        del old_pieces
+                        del old_buf
                 for old_buf in reusable:
                     shared.give_back(old_buf)
                 return pieces
@@ -430,15 +446,21 @@ class ChunkedDevice(BlockDevice):
             # several connections reads a few regions in parallel); random reads rarely make a
             # streak of two before their stream is forgotten, so they waste little decoding.
             streams = shared.streams
+            reusable = None
             if index in streams:
                 streak = streams.pop(index) + 1
             elif index - 1 in streams:
                 streak = streams.pop(index - 1) + 1
+                if streak >= 2 and index - 1 in shared.cache:
+                    reusable = self._passed_locked(index - 1)
             else:
                 streak = 0
                 while len(streams) >= _MAX_STREAMS:
                     streams.popitem(last=False)
             streams[index] = streak
+        if reusable is not None:
+            shared.give_back(reusable)
+        with shared.lock:
             if streak < 2:
                 return
             wanted = [
@@ -462,6 +484,16 @@ class ChunkedDevice(BlockDevice):
                 pool.submit(self._prefetch, i)
             except RuntimeError:  # shut down by a concurrent close
                 return
+
+    def _passed_locked(self, index: int):
+        """A sequential stream moved on from cached chunk ``index`` (lock held): remember it and
+        evict the oldest passed chunk beyond _PASSED_KEEP.  Returns a buffer free for reuse."""
+        shared = self._shared
+        shared.passed[index] = None
+        shared.passed.move_to_end(index)
+        if len(shared.passed) <= _PASSED_KEEP:
+            return None
+        return shared.evict_locked(next(iter(shared.passed)))
 
     def _prefetch(self, index: int) -> None:
         shared = self._shared
@@ -505,6 +537,24 @@ class ChunkedDevice(BlockDevice):
                         dst[:] = piece[within:within + n]
                     rel += n
             pos = stop
+
+    def _memory_range(self, length: int, offset: int) -> memoryview | None:
+        # Served when the range lies in one cached non-zero piece (an aligned 256 KiB NBD read
+        # does); the view pins the chunk's buffer, see _Shared.evict_locked.
+        shared = self._shared
+        index = self._chunk_at(offset)
+        chunk = shared.chunks[index]
+        piece_no, within = divmod(offset - chunk.ustart, PIECE)
+        if not length or within + length > PIECE:
+            return None
+        entry = self._get(index, self.backing)
+        self._maybe_prefetch(index)
+        if entry is SPILLED:
+            return None
+        piece = entry[piece_no]
+        if piece is None:
+            return None
+        return memoryview(piece)[within:within + length]
 
     def _extents(self, length: int, offset: int) -> Iterator[Extent]:
         shared = self._shared
