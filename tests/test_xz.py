@@ -190,11 +190,14 @@ def test_threads_with_clones(tmp_path, source):
     assert not errors, errors
 
 
-def random_xz(tmp_path, blocks=12):
-    """An xz of incompressible bytes in 256 KiB Blocks (each decoded Block is kept as one buffer)."""
-    raw = tmp_path / "random.raw"
-    raw.write_bytes(random.Random(5).randbytes(blocks * 256 * KiB))
-    out = tmp_path / "random.raw.xz"
+def text_xz(tmp_path, blocks=12):
+    """An xz of text in 256 KiB Blocks (no zero or stored pieces: each decoded Block is kept as
+    one buffer)."""
+    rng = random.Random(5)
+    raw = tmp_path / "text.raw"
+    raw.write_bytes(b"".join(b"line %d: %d\n" % (i, rng.randrange(10**9)) for i in range(blocks * 16000))
+                    [:blocks * 256 * KiB])
+    out = tmp_path / "text.raw.xz"
     out.write_bytes(run("xz", "-c", "-T2", "--block-size=256KiB", "-0", raw).stdout)
     return out, run("xz", "-dc", out).stdout
 
@@ -202,7 +205,7 @@ def random_xz(tmp_path, blocks=12):
 def test_memory_range_view_outlives_eviction(tmp_path):
     """A view from memory_range() keeps its bytes while its Block is evicted and buffers are
     recycled for new decodes (a server may still be sending it)."""
-    path, oracle = random_xz(tmp_path)
+    path, oracle = text_xz(tmp_path)
     block = 256 * KiB
     with XzDevice(FileDevice(path), cache_size=block, readahead=0) as dev:
         view = dev.memory_range(64 * KiB, block + 4096)
@@ -218,7 +221,7 @@ def test_memory_range_view_outlives_eviction(tmp_path):
 def test_sequential_scan_evicts_what_it_passed(tmp_path):
     """A sequential reader keeps only the last Blocks it passed, so a scan reuses a few buffers
     instead of filling the cache, and decodes nothing twice."""
-    path, oracle = random_xz(tmp_path)
+    path, oracle = text_xz(tmp_path)
     with XzDevice(FileDevice(path), readahead=2) as dev:  # the default cache would hold all 12
         step = 64 * KiB
         for off in range(0, dev.size, step):
@@ -227,6 +230,59 @@ def test_sequential_scan_evicts_what_it_passed(tmp_path):
         assert info["decoded"] == 12
         assert info["cached-chunks"] == 3  # the Block being read and the two before it
         assert info["reused-buffers"] > 0
+
+
+def text_and_random_xz(tmp_path, *filters):
+    """1 MiB Blocks, each a quarter text (LZMA chunks) and three quarters random (stored
+    uncompressed: at least its last two 256 KiB pieces)."""
+    rng = random.Random(9)
+    raw = bytearray()
+    for i in range(8):
+        text = b"".join(b"record %d of block %d\n" % (rng.randrange(10**6), i) for _ in range(12000))
+        raw += text[:256 * KiB] + rng.randbytes(768 * KiB)
+    src = tmp_path / "mixed.raw"
+    src.write_bytes(raw)
+    out = tmp_path / "mixed.raw.xz"
+    out.write_bytes(run("xz", "-c", "-T2", "--block-size=1MiB", *filters, src).stdout)
+    return out, run("xz", "-dc", out).stdout
+
+
+def test_stored_pieces_are_read_from_the_file(tmp_path):
+    """Incompressible data, which LZMA2 stores verbatim, is not kept in memory once its Block is
+    verified: reads take it from the file, and the bytes are xz's own output."""
+    path, oracle = text_and_random_xz(tmp_path, "-1")
+    with XzDevice(FileDevice(path), readahead=0) as dev:
+        random_reads(dev, oracle, n=200, seed=3)
+        assert dev.pread(dev.size, 0) == oracle
+        info = dev.cache_info()
+        assert info["stored-pieces"] > 0
+        # at least half of each Block costs (almost) nothing
+        assert info["cache-used"] <= info["cached-chunks"] * 520 * KiB
+
+
+def test_stored_piece_changed_after_verification_is_an_error(tmp_path):
+    """A stored piece is checked against the CRC-32 of the verified decode on every read: bytes
+    changed in the file afterwards raise CorruptImageError, never come out as data."""
+    path, oracle = text_and_random_xz(tmp_path, "-1")
+    with XzDevice(FileDevice(path), readahead=0) as dev:
+        at = 900 * KiB  # in Block 0's random part
+        assert dev.pread(4096, at) == oracle[at:at + 4096]
+        assert dev.cache_info()["stored-pieces"] > 0
+        where = path.read_bytes().find(oracle[at:at + 64])  # where xz stored those bytes
+        assert where > 0
+        with open(path, "r+b") as f:
+            f.seek(where)
+            f.write(bytes(64))
+        with pytest.raises(CorruptImageError, match="changed since"):
+            dev.pread(4096, at)
+
+
+def test_stored_chunks_behind_a_bcj_filter_stay_in_memory(tmp_path):
+    """With a BCJ filter before LZMA2 the stored bytes are filtered, not the guest's: no stored pieces."""
+    path, oracle = text_and_random_xz(tmp_path, "--x86", "--lzma2=preset=1")
+    with XzDevice(FileDevice(path), readahead=0) as dev:
+        random_reads(dev, oracle, n=100, seed=4)
+        assert dev.cache_info()["stored-pieces"] == 0
 
 
 def test_readonly_and_range(tmp_path, source):
@@ -454,3 +510,27 @@ def test_block_count_cap(tmp_path, source, monkeypatch):
         XzDevice(FileDevice(path))
     monkeypatch.setattr(xzdev, "MAX_CHUNKS", 6)
     XzDevice(FileDevice(path)).close()
+
+
+def test_lzma2_uncompressed_chunks_walk(tmp_path):
+    """The LZMA2 chunk-header walk finds where xz stored bytes verbatim (checked against xz -dc's
+    output) and rejects headers that do not add up."""
+    path, oracle = text_and_random_xz(tmp_path, "-1")
+    data = path.read_bytes()
+    read = lambda n, off: data[off:off + n]  # noqa: E731
+    with XzDevice(FileDevice(path)) as dev:
+        chunk = dev._shared.chunks[1]
+        check, unpadded = chunk.extra
+        start = chunk.cstart + (data[chunk.cstart] + 1) * 4
+        end = chunk.cstart + unpadded - h.check_size(check)
+        runs = h.lzma2_uncompressed_chunks(read, start, end, chunk.usize)
+    assert sum(n for _, _, n in runs) >= 512 * KiB
+    for rel, at, n in runs:
+        assert data[at:at + n] == oracle[chunk.ustart + rel:chunk.ustart + rel + n]
+    with pytest.raises(CorruptImageError, match="decode to"):
+        h.lzma2_uncompressed_chunks(read, start, end, chunk.usize + 1)
+    with pytest.raises(CorruptImageError, match="past the Block"):
+        h.lzma2_uncompressed_chunks(read, start, end - 1000, chunk.usize)
+    bad = bytes([0x40]) + data[start + 1:end]
+    with pytest.raises(CorruptImageError, match="invalid control byte"):
+        h.lzma2_uncompressed_chunks(lambda n, off: bad[off:off + n], 0, len(bad), chunk.usize)

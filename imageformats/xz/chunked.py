@@ -20,6 +20,11 @@ zstd frame) readers.  A format subclass supplies the chunk table and a
 * read-ahead: when a handle reads chunks in order, the next chunks are decoded
   on background threads (the codecs release the GIL), so a sequential copy
   uses both cores;
+* stored pieces: where a format stores data verbatim (an xz Block's uncompressed LZMA2
+  chunks: incompressible data), a verified chunk's pieces that lie verbatim in the backing
+  are not kept in memory but read from the backing again, each part checked against the
+  CRC-32 of the verified decode.  Random reads over images with incompressible data thus
+  keep many more chunks "cached" for the same memory;
 * extents: chunks known to decode to zeroes (and holes of spilled chunks) are
   reported as zero; everything else as data.
 """
@@ -33,6 +38,7 @@ import os
 import sys
 import tempfile
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +75,9 @@ _MAX_SPARE_BUFFERS = 2
 #: freshly faulted-in memory, and evict what random readers use).
 _PASSED_KEEP = 2
 
+#: Memory charged for a stored piece (where its parts lie, their CRC-32s).
+_STORED_PIECE_COST = 1024
+
 _ZERO_PIECE = bytes(PIECE)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
@@ -91,6 +100,29 @@ class _Spilled:
 
 
 SPILLED = _Spilled()
+
+
+class _StoredPiece:
+    """A cached piece whose bytes lie verbatim in the backing device: ``parts`` are
+    ``(start in the piece, backing offset, length, CRC-32)``, in order, covering the piece."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: tuple[tuple[int, int, int, int], ...]):
+        self.parts = parts
+
+    def copy_into(self, dst: memoryview, within: int, backing: BlockDevice, where: str) -> None:
+        """Copy the piece's bytes ``[within, within + len(dst))`` into ``dst``."""
+        end = within + len(dst)
+        for start, at, length, crc in self.parts:
+            lo, hi = max(within, start), min(end, start + length)
+            if lo >= hi:
+                continue
+            data = backing.pread(length, at)  # the whole part: its CRC-32 is checked before use
+            if zlib.crc32(data) != crc:
+                raise CorruptImageError(f"{where}: the bytes at offset {at} of the compressed file changed "
+                                        f"since they were decoded and verified")
+            dst[lo - within:hi - within] = memoryview(data)[lo - start:hi - start]
 
 
 class _Shared:
@@ -125,7 +157,8 @@ class _Shared:
         self.streams: OrderedDict[int, int] = OrderedDict()
         # Cached chunks a sequential stream has read past, oldest first.
         self.passed: OrderedDict[int, None] = OrderedDict()
-        self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0, "reused-buffers": 0}
+        self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0, "reused-buffers": 0,
+                      "stored-pieces": 0}
 
     def take_buffer(self, size: int):
         """A writable buffer of ``size`` bytes for a decoded chunk: a reused one if there is one.
@@ -250,6 +283,11 @@ class ChunkedDevice(BlockDevice):
     def _decode_chunk(self, chunk: Chunk, backing: BlockDevice) -> Iterator[bytes]:
         raise NotImplementedError
 
+    def _stored_runs(self, chunk: Chunk, backing: BlockDevice) -> list[tuple[int, int, int]] | None:
+        """``(offset in the chunk, backing offset, length)`` of decoded bytes the format stores
+        verbatim, in order; None if it does not (the default)."""
+        return None
+
     # -- lookup ------------------------------------------------------------------------
 
     def _chunk_at(self, offset: int) -> int:
@@ -263,20 +301,21 @@ class ChunkedDevice(BlockDevice):
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice) -> tuple[tuple, int, Any]:
+    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice, use_stored: bool) -> tuple[tuple, int, Any]:
         """Decode a chunk into memory: (pieces, bytes charged to the cache, the buffer the
         pieces are views of if it may be reused once they are evicted, else None).
 
-        Pieces are PIECE-sized views (None = all zero).  A mostly non-zero chunk
-        keeps its one decoded buffer; a chunk with many zero pieces keeps copies
-        of its non-zero pieces only.
+        Pieces are PIECE-sized views (None = all zero, a _StoredPiece = read from the
+        backing).  A chunk mostly in memory keeps its one decoded buffer; a chunk with
+        many zero (or, if ``use_stored``, stored) pieces keeps copies of its other pieces.
         """
         if hasattr(self, "_decode_chunk_into"):
             # One buffer for the whole chunk, filled by the decoder directly: no per-piece
             # allocations, no join.
             whole = self._shared.take_buffer(chunk.usize)
             self._decode_chunk_into(chunk, backing, whole)
-            pieces, cost = self._cut_pieces(chunk, [memoryview(whole).toreadonly()])
+            stored = self._stored_parts(chunk, backing) if use_stored else {}
+            pieces, cost = self._cut_pieces(chunk, [memoryview(whole).toreadonly()], stored)
             if cost < chunk.usize:  # mostly zero: the pieces are copies; the buffer is free again
                 self._shared.give_back(whole)
                 return pieces, cost, None
@@ -296,13 +335,35 @@ class ChunkedDevice(BlockDevice):
         del outs
         return (*self._cut_pieces(chunk, views), None)
 
+    def _stored_parts(self, chunk: Chunk, backing: BlockDevice) -> dict[int, list[tuple[int, int, int]]]:
+        """For each piece of a (verified) chunk whose bytes all lie verbatim in the backing:
+        piece number -> ``[(start in the piece, backing offset, length)]``."""
+        try:
+            runs = self._stored_runs(chunk, backing)
+        except ImageFormatError:
+            return {}  # not understood: keep the piece in memory
+        parts: dict[int, list[tuple[int, int, int]]] = {}
+        covered: dict[int, int] = {}
+        for rel, at, length in runs or ():
+            end = rel + length
+            while rel < end:
+                piece, within = divmod(rel, PIECE)
+                n = min(end - rel, PIECE - within)
+                parts.setdefault(piece, []).append((within, at, n))
+                covered[piece] = covered.get(piece, 0) + n
+                rel += n
+                at += n
+        return {p: v for p, v in parts.items() if covered[p] == min(PIECE, chunk.usize - p * PIECE)}
+
     @staticmethod
-    def _cut_pieces(chunk: Chunk, views: list[memoryview]) -> tuple[tuple, int]:
+    def _cut_pieces(chunk: Chunk, views: list[memoryview],
+                    stored: dict[int, list[tuple[int, int, int]]] | None = None) -> tuple[tuple, int]:
         """(pieces, cost) of a chunk decoded into ``views`` (in order, ``chunk.usize`` bytes in all)."""
         # Cut the decoded outputs into PIECE-sized views without joining them (a 16 MiB join
         # is a copy plus thousands of page faults); a piece straddling two outputs is copied.
+        stored = stored or {}
         pieces = []
-        zero = 0
+        dropped = 0  # bytes of zero or stored pieces: not needed in memory
         vi = vo = 0  # current output, offset in it
         for start in range(0, chunk.usize, PIECE):
             n = min(PIECE, chunk.usize - start)
@@ -324,14 +385,27 @@ class ChunkedDevice(BlockDevice):
                 vi, vo = vi + 1, 0
             if _nonzero(piece):
                 pieces.append(piece)
+                if len(pieces) - 1 in stored:
+                    dropped += n
             else:
                 pieces.append(None)
-                zero += n
-        if zero == 0 or zero * 4 < chunk.usize:
-            return tuple(pieces), (chunk.usize if zero < chunk.usize else 0)
-        # mostly zero: keep only the non-zero pieces (copies), let the buffer go
-        pieces = [None if p is None else bytes(p) for p in pieces]
-        return tuple(pieces), chunk.usize - zero
+                dropped += n
+        if dropped * 4 < chunk.usize:  # mostly data in memory: keep the one buffer
+            return tuple(pieces), chunk.usize
+        # mostly zero or stored: keep copies of the other pieces only, let the buffer go
+        out: list = []
+        cost = 0
+        for i, piece in enumerate(pieces):
+            if piece is None:
+                out.append(None)
+            elif i in stored:
+                out.append(_StoredPiece(tuple((start, at, n, zlib.crc32(piece[start:start + n]))
+                                              for start, at, n in stored[i])))
+                cost += _STORED_PIECE_COST
+            else:
+                out.append(bytes(piece))
+                cost += len(piece)
+        return tuple(out), cost
 
     def _spill_fd(self) -> int:
         shared = self._shared
@@ -408,7 +482,9 @@ class ChunkedDevice(BlockDevice):
                         shared.spilled.add(index)
                         shared.stats["decoded"] += 1
                     return SPILLED
-                pieces, cost, buf = self._decode_to_pieces(chunk, backing)
+                # Read-ahead decodes serve sequential readers: they keep stored pieces in
+                # memory (no re-reading and CRC checks on a scan's hot path).
+                pieces, cost, buf = self._decode_to_pieces(chunk, backing, use_stored=not prefetch)
                 reusable = []
                 with shared.lock:
                     shared.stats["decoded"] += 1
@@ -416,6 +492,7 @@ class ChunkedDevice(BlockDevice):
                         shared.stats["prefetched"] += 1
                     if cost == 0:
                         shared.zero_chunks.add(index)
+                    shared.stats["stored-pieces"] += sum(type(p) is _StoredPiece for p in pieces)
                     shared.cache[index] = pieces
                     shared.costs[index] = cost
                     if buf is not None:
@@ -533,6 +610,8 @@ class ChunkedDevice(BlockDevice):
                     piece = entry[p]
                     if piece is None:
                         dst[:] = _ZERO_PIECE[:n]
+                    elif type(piece) is _StoredPiece:
+                        piece.copy_into(dst, within, self.backing, f"{self.format_name} chunk {index}")
                     else:
                         dst[:] = piece[within:within + n]
                     rel += n
@@ -552,7 +631,7 @@ class ChunkedDevice(BlockDevice):
         if entry is SPILLED:
             return None
         piece = entry[piece_no]
-        if piece is None:
+        if piece is None or type(piece) is _StoredPiece:
             return None
         return memoryview(piece)[within:within + length]
 

@@ -214,6 +214,16 @@ class XzDevice(ChunkedDevice):
                                     f"do not match)") from None
         yield window[:filled]
 
+    def _stored_runs(self, chunk: Chunk, backing: BlockDevice) -> list[tuple[int, int, int]] | None:
+        """The Block's uncompressed LZMA2 chunks, when LZMA2 is its only filter (others transform
+        the LZMA2 output, so its bytes would not be the guest's)."""
+        check, unpadded = chunk.extra
+        hsize = (backing.pread(1, chunk.cstart)[0] + 1) * 4
+        if len(h.parse_block_header(backing.pread(hsize, chunk.cstart)).filters) != 1:
+            return None
+        return h.lzma2_uncompressed_chunks(backing.pread, chunk.cstart + hsize,
+                                           chunk.cstart + unpadded - h.check_size(check), chunk.usize)
+
     def layer_info(self) -> dict[str, Any]:
         checks = sorted({h.CHECK_NAMES[s["check"]] for s in self._streams})
         chunks = self._shared.chunks

@@ -333,3 +333,51 @@ def build_block_header(filters: list[tuple[int, bytes]], compressed_size: int | 
         raise ValueError("xz block header too large")
     out = bytes([size // 4 - 1]) + body + bytes(size - 4 - 1 - len(body))
     return out + _crc32(out).to_bytes(4, "little")
+
+
+# LZMA2 chunk headers (the LZMA2 data inside a Block; xz-file-format.txt 5.3.1 leaves their
+# layout to liblzma, whose lzma2_decoder.c describes it): one control byte, then
+#   0x00              end of the LZMA2 data
+#   0x01, 0x02        an uncompressed chunk (with / without dictionary reset): 2 bytes
+#                     big-endian size - 1, then the bytes themselves
+#   0x80..0xFF        an LZMA chunk: bits 0-4 are bits 16-20 of (uncompressed size - 1), then
+#                     2 bytes big-endian low bits of it, 2 bytes big-endian compressed size - 1,
+#                     and one properties byte when bits 5-6 are >= 2
+#   0x03..0x7F        invalid
+LZMA2_END = 0x00
+LZMA2_UNCOMPRESSED = (0x01, 0x02)
+LZMA2_MAX_HEADER = 6
+
+
+def lzma2_uncompressed_chunks(read, start: int, end: int, usize: int) -> list[tuple[int, int, int]]:
+    """Where a Block's LZMA2 data stores bytes uncompressed: ``(decoded offset, file offset,
+    length)`` of each uncompressed chunk of the LZMA2 data in ``[start, end)`` of a file, read
+    with ``read(n, offset)``.  Walks the chunk headers only (no decoding).  Raises
+    CorruptImageError unless the chunks account for exactly ``usize`` decoded bytes, end with
+    the end marker, and stay inside ``[start, end)``."""
+    runs: list[tuple[int, int, int]] = []
+    pos = start
+    decoded = 0
+    while True:
+        head = read(min(LZMA2_MAX_HEADER, end - pos), pos) if pos < end else b""
+        if not head:
+            raise CorruptImageError("LZMA2 data has no end marker")
+        control = head[0]
+        if control == LZMA2_END:
+            break
+        if control in LZMA2_UNCOMPRESSED and len(head) >= 3:
+            size = int.from_bytes(head[1:3], "big") + 1
+            runs.append((decoded, pos + 3, size))
+            decoded += size
+            pos += 3 + size
+        elif control >= 0x80 and len(head) >= 5:
+            decoded += ((control & 0x1F) << 16) + int.from_bytes(head[1:3], "big") + 1
+            header_size = 6 if (control >> 5) & 3 >= 2 else 5
+            pos += header_size + int.from_bytes(head[3:5], "big") + 1
+        else:
+            raise CorruptImageError(f"LZMA2 chunk header at {pos}: invalid control byte {control:#04x}")
+        if decoded > usize or pos > end:
+            raise CorruptImageError(f"LZMA2 chunk at {pos} goes past the Block's sizes")
+    if decoded != usize:
+        raise CorruptImageError(f"LZMA2 chunks decode to {decoded} bytes, the Block holds {usize}")
+    return runs
