@@ -214,3 +214,32 @@ def test_parse_size_and_options():
     assert common.parse_options(["a=1,b-c=2", "d="]) == {"a": "1", "b_c": "2", "d": ""}
     with pytest.raises(InvalidArgumentError):
         common.parse_options(["novalue"])
+
+
+def test_each_command_module_registers_the_command_named_after_it():
+    # build_parser(argv) imports only the module named like the command: that convention must hold.
+    from imageformats import cli as cli_pkg
+
+    for module in cli_pkg.COMMAND_MODULES:
+        name = cli_pkg.command_name(module)
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers(dest="command")
+        __import__(module, fromlist=["register"]).register(sub)
+        assert list(sub.choices) == [name], module
+
+
+def test_a_command_line_imports_only_its_command_module():
+    # A fresh interpreter: `imageformats convert ...`'s parser holds convert alone, `--help`'s all.
+    code = ("import sys; from imageformats import cli; "
+            "p = cli.build_parser(sys.argv[1:]); "
+            "print(sorted(p._subparsers._group_actions[0].choices)); "
+            "print(sorted(m for m in sys.modules if m.startswith('imageformats.cli.')))")
+    proc = subprocess.run([sys.executable, "-c", code, "--debug", "map", "x"], capture_output=True,
+                          text=True, check=True)
+    choices, modules = proc.stdout.splitlines()
+    assert choices == "['map']"
+    assert "imageformats.cli.serve" not in modules and "imageformats.cli.map" in modules
+    proc = subprocess.run([sys.executable, "-c", code, "--help-me"], capture_output=True, text=True, check=True)
+    from imageformats import cli as cli_pkg
+
+    assert proc.stdout.splitlines()[0] == str(sorted(cli_pkg.command_name(m) for m in cli_pkg.COMMAND_MODULES))

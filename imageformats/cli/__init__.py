@@ -1,7 +1,9 @@
 """The ``imageformats`` command: one module per subcommand, qemu-img conventions.
 
 Each module in COMMAND_MODULES has ``register(subparsers)`` that adds its parser
-with ``set_defaults(func=run)``.  User errors print one line on stderr and exit
+with ``set_defaults(func=run)``; the command is named after its module (``_`` as
+``-``: ``nbdkit_plugin`` is ``nbdkit-plugin``), so a command line imports only the
+module of the command it runs.  User errors print one line on stderr and exit
 with the error class's ``exit_code``; no traceback.
 """
 
@@ -26,14 +28,24 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_name(module: str) -> str:
+    """The command a module of COMMAND_MODULES registers: ``imageformats.cli.nbdkit_plugin`` -> ``nbdkit-plugin``."""
+    return module.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser.  Given the arguments, it holds only the command they name
+    (start-up imports one command module, not all of them); otherwise, or when they name
+    no known command (``--help``, a typo), every command."""
     parser = argparse.ArgumentParser(
         prog="imageformats",
         description="Disk-image format codecs as stackable block devices.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    first = next((a for a in argv or [] if not a.startswith("-")), None)
+    wanted = [m for m in COMMAND_MODULES if command_name(m) == first] or COMMAND_MODULES
+    for name in wanted:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -72,7 +84,9 @@ def _prog() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     return run_command(args.func, args, args.debug)
 

@@ -13,7 +13,6 @@ when Python's lzma module drives it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 from ..errors import UnsupportedFeatureError
 
@@ -66,17 +65,25 @@ class _LzmaStream(ctypes.Structure):
     ]
 
 
-def _load():
-    for name in ("liblzma.so.5", ctypes.util.find_library("lzma")):
-        if not name:
-            continue
+def _open_library():
+    try:
+        return ctypes.CDLL("liblzma.so.5")
+    except OSError:
+        pass
+    # Only if the usual soname is missing: find_library runs ldconfig (a subprocess).
+    from ctypes.util import find_library
+
+    name = find_library("lzma")
+    if name:
         try:
-            lib = ctypes.CDLL(name)
-            break
+            return ctypes.CDLL(name)
         except OSError:
-            continue
-    else:
-        raise UnsupportedFeatureError("the system liblzma (liblzma.so.5) was not found")
+            pass
+    raise UnsupportedFeatureError("the system liblzma (liblzma.so.5) was not found")
+
+
+def _load():
+    lib = _open_library()
     p = ctypes.POINTER(_LzmaStream)
     lib.lzma_stream_decoder.argtypes = [p, ctypes.c_uint64, ctypes.c_uint32]
     lib.lzma_stream_decoder.restype = ctypes.c_int
