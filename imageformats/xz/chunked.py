@@ -235,6 +235,7 @@ class ChunkedDevice(BlockDevice):
     can_zero = False
     can_extents = True
     can_multi_conn = True
+    reads_ahead = property(lambda self: self._shared.readahead > 0)
     block_size = (1, 4096, 32 * MiB)
 
     _shared: _Shared
