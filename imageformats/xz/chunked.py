@@ -316,8 +316,8 @@ class ChunkedDevice(BlockDevice):
             whole = self._shared.take_buffer(chunk.usize)
             self._decode_chunk_into(chunk, backing, whole)
             stored = self._stored_parts(chunk, backing) if use_stored else {}
-            pieces, cost = self._cut_pieces(chunk, [memoryview(whole).toreadonly()], stored)
-            if cost < chunk.usize:  # mostly zero: the pieces are copies; the buffer is free again
+            pieces, cost, views_buffer = self._cut_pieces(chunk, [memoryview(whole).toreadonly()], stored)
+            if not views_buffer:  # the pieces are copies: the buffer is free again
                 self._shared.give_back(whole)
                 return pieces, cost, None
             return pieces, cost, whole
@@ -334,7 +334,7 @@ class ChunkedDevice(BlockDevice):
                 f"{self.format_name} chunk {chunk.index} decodes to {pos} bytes, its index records {chunk.usize}")
         views = [memoryview(o).toreadonly() for o in outs]
         del outs
-        return (*self._cut_pieces(chunk, views), None)
+        return (*self._cut_pieces(chunk, views)[:2], None)
 
     def _stored_parts(self, chunk: Chunk, backing: BlockDevice) -> dict[int, list[tuple[int, int, int]]]:
         """For each piece of a (verified) chunk whose bytes all lie verbatim in the backing:
@@ -358,8 +358,9 @@ class ChunkedDevice(BlockDevice):
 
     @staticmethod
     def _cut_pieces(chunk: Chunk, views: list[memoryview],
-                    stored: dict[int, list[tuple[int, int, int]]] | None = None) -> tuple[tuple, int]:
-        """(pieces, cost) of a chunk decoded into ``views`` (in order, ``chunk.usize`` bytes in all)."""
+                    stored: dict[int, list[tuple[int, int, int]]] | None = None) -> tuple[tuple, int, bool]:
+        """(pieces, cost, whether the pieces are views of ``views``) of a chunk decoded into
+        ``views`` (in order, ``chunk.usize`` bytes in all)."""
         # Cut the decoded outputs into PIECE-sized views without joining them (a 16 MiB join
         # is a copy plus thousands of page faults); a piece straddling two outputs is copied.
         stored = stored or {}
@@ -392,7 +393,7 @@ class ChunkedDevice(BlockDevice):
                 pieces.append(None)
                 dropped += n
         if dropped * 4 < chunk.usize:  # mostly data in memory: keep the one buffer
-            return tuple(pieces), chunk.usize
+            return tuple(pieces), chunk.usize, True
         # mostly zero or stored: keep copies of the other pieces only, let the buffer go
         out: list = []
         cost = 0
@@ -406,7 +407,7 @@ class ChunkedDevice(BlockDevice):
             else:
                 out.append(bytes(piece))
                 cost += len(piece)
-        return tuple(out), cost
+        return tuple(out), cost, False
 
     def _spill_fd(self) -> int:
         shared = self._shared
@@ -675,10 +676,10 @@ class ChunkedDevice(BlockDevice):
 
 
 def _nonzero(buf) -> bool:
-    """Does ``buf`` hold a non-zero byte?  (Compared as 64-bit words where it can: numpy's any()
-    on bytes casts each to bool first, several times slower.)"""
+    """Does ``buf`` hold a non-zero byte?  (The maximum of its 64-bit words: numpy's any() casts
+    every element to bool first, twice as slow.)"""
     n = len(buf) // 8 * 8
-    return bool(np.frombuffer(buf, dtype=np.uint64, count=n // 8).any()
+    return bool((n and np.frombuffer(buf, dtype=np.uint64, count=n // 8).max())
                 or np.frombuffer(buf, dtype=np.uint8, offset=n).any())
 
 
@@ -690,7 +691,7 @@ def _piece_map(buf) -> list[bool]:
     out: list[bool] = []
     if full:
         arr = np.frombuffer(mv[:full * PIECE], dtype=np.uint64).reshape(full, PIECE // 8)
-        out = arr.any(axis=1).tolist()
+        out = (arr.max(axis=1) != 0).tolist()
     if len(mv) > full * PIECE:
         out.append(bool(np.frombuffer(mv[full * PIECE:], dtype=np.uint8).any()))
     return out
