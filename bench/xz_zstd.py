@@ -2,6 +2,7 @@
 """Seekable xz / zstd: our reader and writer side by side with the reference tools.
 
     python3 bench/xz_zstd.py [--size 1G] [--dir /var/tmp/xzbench] [--reads 300]
+    python3 bench/xz_zstd.py --dir /var/tmp/xzb --skip-zstd --skip-writer --skip-reads --repeat 5
 
 Builds a VM-disk-like raw image (runs of zeroes, of real text taken from the
 Python standard library sources, and of random bytes; --data-percent of the
@@ -9,8 +10,9 @@ image is non-zero), then measures, each in the same run:
 
 1. writer:  ``imageformats convert -O xz -o block_size=16M,level=6``
             vs ``xz -T2 -6 --block-size=16MiB`` (equal settings)
-2. sequential decode to a sparse raw file:  ``imageformats convert -O raw``
-            vs ``xz -d -T2 -k`` (which also writes sparse files)
+2. sequential decode to a new sparse raw file, fsynced on both sides:
+            ``imageformats convert -O raw`` vs ``xz -d -T2 -k && sync FILE``
+            (xz also writes sparse files), best of --repeat alternating runs
 3. random 4 KiB reads (same seeded offsets, cold start, in one process each):
             XzDevice vs python-xz (``xz.open``) vs nbdkit's xz filter read
             through python3-libnbd (``nbdkit --filter=xz file``)
@@ -101,13 +103,12 @@ def random_offsets(size: int, n: int, seed: int = 7) -> list[int]:
 
 
 def decode_in_process(cls, path: str, out: str) -> float:
-    """XzDevice/ZstdDevice -> copy() -> sparse file -> fsync, as convert does, minus start-up."""
-    from imageformats.block import copy
+    """XzDevice/ZstdDevice -> the raw output (copy() to a sparse file, fsync), as convert does, minus start-up."""
+    from imageformats.raw import write_raw
 
     t0 = time.perf_counter()
-    with cls(FileDevice(path)) as src, FileDevice.create(out, src.size) as dst:
-        copy(src, dst, dst_is_zero=True)
-        dst.flush()
+    with cls(FileDevice(path)) as src:
+        write_raw(src, out, {})
     elapsed = time.perf_counter() - t0
     os.unlink(out)
     return elapsed
@@ -195,8 +196,12 @@ def main() -> int:
                     help="non-zero share of the image (default 50 for mixed, 10 for sparse-random)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one under /var/tmp)")
     ap.add_argument("--reads", type=int, default=300)
-    ap.add_argument("--repeat", type=int, default=3, help="random-read runs per reader (best kept)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="sequential-decode and random-read runs per reader (best kept)")
     ap.add_argument("--skip-zstd", action="store_true")
+    ap.add_argument("--skip-writer", action="store_true",
+                    help="reuse the xz -T2 file of an earlier run in --dir instead of timing both xz writers")
+    ap.add_argument("--skip-reads", action="store_true", help="no random-read figures")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -213,35 +218,59 @@ def main() -> int:
         if not os.path.exists(raw) or os.path.getsize(raw) != size:
             make_image(raw, size, args.data_percent, kind=args.image)
 
-        print("xz writer (16 MiB blocks, level 6, crc64, 2 threads)")
-        t_ref = timed(["sh", "-c", f"xz -T2 -6 --block-size=16MiB -c {raw} > {ref_xz}"])
-        t_ours = timed([sys.executable, "-m", "imageformats", "convert", "-O", "xz",
-                        "-o", "block_size=16M,level=6,check=crc64,threads=2", raw, ours_xz])
-        ratio("convert -O xz  vs  xz -T2 -6 --block-size=16MiB", t_ref, t_ours)
-        print(f"  sizes: reference {os.path.getsize(ref_xz)}  ours {os.path.getsize(ours_xz)}")
+        if args.skip_writer and os.path.exists(ref_xz):
+            print(f"xz writer skipped: reusing {ref_xz}")
+        else:
+            print("xz writer (16 MiB blocks, level 6, crc64, 2 threads)")
+            t_ref = timed(["sh", "-c", f"xz -T2 -6 --block-size=16MiB -c {raw} > {ref_xz}"])
+            t_ours = timed([sys.executable, "-m", "imageformats", "convert", "-O", "xz",
+                            "-o", "block_size=16M,level=6,check=crc64,threads=2", raw, ours_xz])
+            ratio("convert -O xz  vs  xz -T2 -6 --block-size=16MiB", t_ref, t_ours)
+            print(f"  sizes: reference {os.path.getsize(ref_xz)}  ours {os.path.getsize(ours_xz)}")
 
-        print("sequential decode to a sparse raw file, fsynced (convert fsyncs its output)")
+        print(f"sequential decode to a new sparse raw file, fsynced (convert fsyncs its output; `sync FILE` "
+              f"fsyncs xz's), best of {args.repeat} alternating runs")
         out_ref = os.path.join(work, "ref.raw")
-        t_ref = timed(["sh", "-c", f"xz -d -T2 -k -f {ref_xz} && sync {out_ref}"])
         out_ours = os.path.join(work, "ours.raw")
-        t_ours = timed([sys.executable, "-m", "imageformats", "convert", "-O", "raw", ref_xz, out_ours])
-        assert subprocess.run(["cmp", out_ref, out_ours]).returncode == 0, "decoded images differ"
-        ratio("convert -O raw  vs  xz -d -T2", t_ref, t_ours)
-        os.unlink(out_ours)
-        t_lib = decode_in_process(XzDevice, ref_xz, out_ours)
-        ratio("same, in process (no CLI start-up)  vs  xz -d -T2", t_ref, t_lib)
-        os.unlink(out_ref)
+        refs, ours, libs = [], [], []
+
+        def run_ref() -> None:
+            refs.append(timed(["sh", "-c", f"xz -d -T2 -k -f {ref_xz} && sync {out_ref}"]))
+            os.unlink(out_ref)
+
+        def run_ours() -> None:
+            ours.append(timed([sys.executable, "-m", "imageformats", "convert", "-O", "raw", ref_xz, out_ours]))
+            if len(ours) == 1:
+                assert subprocess.run(["cmp", raw, out_ours]).returncode == 0, "decoded image differs"
+            os.unlink(out_ours)
+
+        def run_lib() -> None:
+            libs.append(decode_in_process(XzDevice, ref_xz, out_ours))
+
+        # Each output is deleted before the next run starts, and the order rotates: the page cache
+        # of the run before (memory freed or still held) changes the next run's time noticeably.
+        runs = [run_ref, run_ours, run_lib]
+        for i in range(args.repeat):
+            for run in runs[i % 3:] + runs[:i % 3]:
+                run()
+        print("  runs (s): xz -d -T2 " + " ".join(f"{t:.2f}" for t in refs) + "; convert " +
+              " ".join(f"{t:.2f}" for t in ours) + "; in process " + " ".join(f"{t:.2f}" for t in libs) +
+              f"; load average {os.getloadavg()[0]:.2f}")
+        t_ref = min(refs)
+        ratio("convert -O raw  vs  xz -d -T2", t_ref, min(ours))
+        ratio("same, in process (no CLI start-up)  vs  xz -d -T2", t_ref, min(libs))
 
         offsets = random_offsets(size, args.reads)
-        print(f"{args.reads} random 4 KiB reads, cold start, best of {args.repeat} "
-              f"(xz file written by xz -T2, 16 MiB blocks)")
-        t_ours = t_pyxz = t_nbdkit = float("inf")
-        for _ in range(args.repeat):  # alternate, keep the best of each: the machine's load varies
-            t_ours = min(t_ours, reads_ours(XzDevice, ref_xz, offsets))
-            t_pyxz = min(t_pyxz, reads_python_xz(ref_xz, offsets))
-            t_nbdkit = min(t_nbdkit, reads_nbdkit(ref_xz, offsets, work))
-        ratio("XzDevice  vs  python-xz", t_pyxz, t_ours)
-        ratio("XzDevice  vs  nbdkit --filter=xz via libnbd", t_nbdkit, t_ours)
+        if not args.skip_reads:
+            print(f"{args.reads} random 4 KiB reads, cold start, best of {args.repeat} "
+                  f"(xz file written by xz -T2, 16 MiB blocks)")
+            t_ours = t_pyxz = t_nbdkit = float("inf")
+            for _ in range(args.repeat):  # alternate, keep the best of each: the machine's load varies
+                t_ours = min(t_ours, reads_ours(XzDevice, ref_xz, offsets))
+                t_pyxz = min(t_pyxz, reads_python_xz(ref_xz, offsets))
+                t_nbdkit = min(t_nbdkit, reads_nbdkit(ref_xz, offsets, work))
+            ratio("XzDevice  vs  python-xz", t_pyxz, t_ours)
+            ratio("XzDevice  vs  nbdkit --filter=xz via libnbd", t_nbdkit, t_ours)
 
         if not args.skip_zstd:
             ours_zst, ref_zst = os.path.join(work, "ours.zst"), os.path.join(work, "ref.zst")
