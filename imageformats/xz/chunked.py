@@ -302,21 +302,22 @@ class ChunkedDevice(BlockDevice):
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice, use_stored: bool) -> tuple[tuple, int, Any]:
+    def _decode_to_pieces(self, chunk: Chunk, backing: BlockDevice, compact: bool) -> tuple[tuple, int, Any]:
         """Decode a chunk into memory: (pieces, bytes charged to the cache, the buffer the
         pieces are views of if it may be reused once they are evicted, else None).
 
         Pieces are PIECE-sized views (None = all zero, a _StoredPiece = read from the
-        backing).  A chunk mostly in memory keeps its one decoded buffer; a chunk with
-        many zero (or, if ``use_stored``, stored) pieces keeps copies of its other pieces.
+        backing).  A chunk mostly in memory keeps its one decoded buffer.  If ``compact``,
+        a chunk with many zero or stored pieces keeps copies of its other pieces only (less
+        memory for a longer stay in the cache, at the price of copies and fresh pages).
         """
         if hasattr(self, "_decode_chunk_into"):
             # One buffer for the whole chunk, filled by the decoder directly: no per-piece
             # allocations, no join.
             whole = self._shared.take_buffer(chunk.usize)
             self._decode_chunk_into(chunk, backing, whole)
-            stored = self._stored_parts(chunk, backing) if use_stored else {}
-            pieces, cost, views_buffer = self._cut_pieces(chunk, [memoryview(whole).toreadonly()], stored)
+            stored = self._stored_parts(chunk, backing) if compact else {}
+            pieces, cost, views_buffer = self._cut_pieces(chunk, [memoryview(whole).toreadonly()], stored, compact)
             if not views_buffer:  # the pieces are copies: the buffer is free again
                 self._shared.give_back(whole)
                 return pieces, cost, None
@@ -358,13 +359,15 @@ class ChunkedDevice(BlockDevice):
 
     @staticmethod
     def _cut_pieces(chunk: Chunk, views: list[memoryview],
-                    stored: dict[int, list[tuple[int, int, int]]] | None = None) -> tuple[tuple, int, bool]:
+                    stored: dict[int, list[tuple[int, int, int]]] | None = None,
+                    compact: bool = True) -> tuple[tuple, int, bool]:
         """(pieces, cost, whether the pieces are views of ``views``) of a chunk decoded into
         ``views`` (in order, ``chunk.usize`` bytes in all)."""
         # Cut the decoded outputs into PIECE-sized views without joining them (a 16 MiB join
         # is a copy plus thousands of page faults); a piece straddling two outputs is copied.
         stored = stored or {}
         pieces = []
+        zero = 0
         dropped = 0  # bytes of zero or stored pieces: not needed in memory
         vi = vo = 0  # current output, offset in it
         for start in range(0, chunk.usize, PIECE):
@@ -391,8 +394,11 @@ class ChunkedDevice(BlockDevice):
                     dropped += n
             else:
                 pieces.append(None)
+                zero += n
                 dropped += n
-        if dropped * 4 < chunk.usize:  # mostly data in memory: keep the one buffer
+        if zero == chunk.usize:
+            return tuple(pieces), 0, False
+        if not compact or dropped * 4 < chunk.usize:  # keep the one buffer
             return tuple(pieces), chunk.usize, True
         # mostly zero or stored: keep copies of the other pieces only, let the buffer go
         out: list = []
@@ -484,9 +490,10 @@ class ChunkedDevice(BlockDevice):
                         shared.spilled.add(index)
                         shared.stats["decoded"] += 1
                     return SPILLED
-                # Read-ahead decodes serve sequential readers: they keep stored pieces in
-                # memory (no re-reading and CRC checks on a scan's hot path).
-                pieces, cost, buf = self._decode_to_pieces(chunk, backing, use_stored=not prefetch)
+                # Read-ahead decodes serve sequential readers, which pass the chunk soon: they
+                # keep the decode buffer as it is (no copies of non-zero pieces, no re-reading
+                # and CRC checks of stored ones on a scan's hot path).
+                pieces, cost, buf = self._decode_to_pieces(chunk, backing, compact=not prefetch)
                 reusable = []
                 with shared.lock:
                     shared.stats["decoded"] += 1
