@@ -147,22 +147,8 @@ class XzDevice(ChunkedDevice):
         and liblzma verified it (only then does the last window come out)."""
         check, unpadded = chunk.extra
         where = f"xz Block {chunk.index} at file offset {chunk.cstart}"
-        size_byte = backing.pread(1, chunk.cstart)[0]
-        if size_byte == 0:
-            raise CorruptImageError(f"{where}: an Index Indicator where a Block Header should be")
-        hsize = (size_byte + 1) * 4
-        csize = unpadded - hsize - h.check_size(check)
-        if csize <= 0:
-            raise CorruptImageError(f"{where}: Block Header of {hsize} bytes does not fit the unpadded size {unpadded}")
-        header_bytes = backing.pread(hsize, chunk.cstart)
-        hdr = h.parse_block_header(header_bytes)
-        # 3.1.3 / 3.1.4: sizes in the Block Header must match the Index
-        if hdr.compressed_size is not None and hdr.compressed_size != csize:
-            raise CorruptImageError(f"{where}: Block Header says {hdr.compressed_size} compressed bytes, "
-                                    f"the Index {csize}")
-        if hdr.uncompressed_size is not None and hdr.uncompressed_size != chunk.usize:
-            raise CorruptImageError(f"{where}: Block Header says {hdr.uncompressed_size} uncompressed bytes, "
-                                    f"the Index {chunk.usize}")
+        header_bytes, _, _ = self._block_header(chunk, backing)
+        hsize = len(header_bytes)
         index = h.build_index([(unpadded, chunk.usize)])
         tail = index + h.build_stream_footer(check, len(index))
         inbuf = bytearray(min(_INPUT_CHUNK, chunk.csize))
@@ -214,15 +200,38 @@ class XzDevice(ChunkedDevice):
                                     f"do not match)") from None
         yield window[:filled]
 
+    @staticmethod
+    def _block_header(chunk: Chunk, backing: BlockDevice):
+        """3.1 Block Header of a Block, cross-checked against its Index record:
+        (header bytes, parsed header, compressed size of the Block's data)."""
+        check, unpadded = chunk.extra
+        where = f"xz Block {chunk.index} at file offset {chunk.cstart}"
+        size_byte = backing.pread(1, chunk.cstart)[0]
+        if size_byte == 0:
+            raise CorruptImageError(f"{where}: an Index Indicator where a Block Header should be")
+        hsize = (size_byte + 1) * 4
+        csize = unpadded - hsize - h.check_size(check)
+        if csize <= 0:
+            raise CorruptImageError(f"{where}: Block Header of {hsize} bytes does not fit the unpadded size {unpadded}")
+        header_bytes = backing.pread(hsize, chunk.cstart)
+        hdr = h.parse_block_header(header_bytes)
+        # 3.1.3 / 3.1.4: sizes in the Block Header must match the Index
+        if hdr.compressed_size is not None and hdr.compressed_size != csize:
+            raise CorruptImageError(f"{where}: Block Header says {hdr.compressed_size} compressed bytes, "
+                                    f"the Index {csize}")
+        if hdr.uncompressed_size is not None and hdr.uncompressed_size != chunk.usize:
+            raise CorruptImageError(f"{where}: Block Header says {hdr.uncompressed_size} uncompressed bytes, "
+                                    f"the Index {chunk.usize}")
+        return header_bytes, hdr, csize
+
     def _stored_runs(self, chunk: Chunk, backing: BlockDevice) -> list[tuple[int, int, int]] | None:
         """The Block's uncompressed LZMA2 chunks, when LZMA2 is its only filter (others transform
         the LZMA2 output, so its bytes would not be the guest's)."""
-        check, unpadded = chunk.extra
-        hsize = (backing.pread(1, chunk.cstart)[0] + 1) * 4
-        if len(h.parse_block_header(backing.pread(hsize, chunk.cstart)).filters) != 1:
+        header_bytes, hdr, csize = self._block_header(chunk, backing)
+        if len(hdr.filters) != 1:
             return None
-        return h.lzma2_uncompressed_chunks(backing.pread, chunk.cstart + hsize,
-                                           chunk.cstart + unpadded - h.check_size(check), chunk.usize)
+        start = chunk.cstart + len(header_bytes)
+        return h.lzma2_uncompressed_chunks(backing.pread, start, start + csize, chunk.usize)
 
     def layer_info(self) -> dict[str, Any]:
         checks = sorted({h.CHECK_NAMES[s["check"]] for s in self._streams})
