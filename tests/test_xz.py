@@ -232,6 +232,20 @@ def test_sequential_scan_evicts_what_it_passed(tmp_path):
         assert info["reused-buffers"] > 0
 
 
+def test_two_sequential_readers_decode_each_block_once(tmp_path):
+    """Two readers, each scanning one half (as nbdcopy splits a disk between connections): the
+    first half's reader must not read ahead into the second half, which the other reader has
+    already consumed and whose Blocks were evicted behind it."""
+    path, oracle = text_xz(tmp_path)
+    block, step = 256 * KiB, 64 * KiB
+    with XzDevice(FileDevice(path), readahead=2) as dev:
+        for off in range(0, 6 * block, step):
+            for start in (0, 6 * block):
+                assert dev.pread(step, start + off) == oracle[start + off:start + off + step]
+        dev._shared.pool.shutdown(wait=True)  # let read-ahead started by the last reads finish
+        assert dev.cache_info()["decoded"] == 12
+
+
 def text_and_random_xz(tmp_path, *filters):
     """1 MiB Blocks, each a quarter text (LZMA chunks) and three quarters random (stored
     uncompressed: at least its last two 256 KiB pieces)."""

@@ -153,8 +153,9 @@ class _Shared:
         self.prefetch_backing: BlockDevice | None = None
         self.prefetch_local = threading.local()
         self.prefetch_handles: list[BlockDevice] = []
-        # Sequential readers being followed: chunk index a stream is at -> its streak.
-        self.streams: OrderedDict[int, int] = OrderedDict()
+        # Sequential readers being followed: chunk index a stream is at -> (its streak, the
+        # chunk it started in).
+        self.streams: OrderedDict[int, tuple[int, int]] = OrderedDict()
         # Cached chunks a sequential stream has read past, oldest first.
         self.passed: OrderedDict[int, None] = OrderedDict()
         self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0, "reused-buffers": 0,
@@ -534,25 +535,32 @@ class ChunkedDevice(BlockDevice):
             streams = shared.streams
             reusable = None
             if index in streams:
-                streak = streams.pop(index) + 1
+                streak, first = streams.pop(index)
+                streak += 1
             elif index - 1 in streams:
-                streak = streams.pop(index - 1) + 1
+                streak, first = streams.pop(index - 1)
+                streak += 1
                 if streak >= 2 and index - 1 in shared.cache:
                     reusable = self._passed_locked(index - 1)
             else:
-                streak = 0
+                streak, first = 0, index
                 while len(streams) >= _MAX_STREAMS:
                     streams.popitem(last=False)
-            streams[index] = streak
+            streams[index] = (streak, first)
         if reusable is not None:
             shared.give_back(reusable)
         with shared.lock:
             if streak < 2:
                 return
+            # Not into chunks another stream has read already: a client that splits the disk
+            # into regions (nbdcopy: 128 MiB per connection) reaches the start of the next
+            # region after its reader has passed it, and decoding it again is wasted work.
+            read_by_others = [(start, at) for at, (_, start) in streams.items() if at != index]
             wanted = [
                 i for i in range(index + 1, min(index + 1 + shared.readahead, len(shared.chunks)))
                 if i not in shared.cache and i not in shared.inflight and i not in shared.spilled
                 and 0 < shared.chunks[i].usize <= shared.max_chunk_memory
+                and not any(start <= i < at for start, at in read_by_others)
             ]
             if not wanted:
                 return
