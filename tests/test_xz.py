@@ -246,6 +246,22 @@ def test_two_sequential_readers_decode_each_block_once(tmp_path):
         assert dev.cache_info()["decoded"] == 12
 
 
+def test_block_split_between_two_readers_is_decoded_once(tmp_path):
+    """Two readers split the disk in the middle of a Block: the second starts there, the first
+    reaches the Block's start much later.  The Block stays cached for it (not evicted as
+    passed), so it is decoded once."""
+    path, oracle = text_xz(tmp_path)
+    block, step = 256 * KiB, 64 * KiB
+    half = 5 * block + 2 * step
+    with XzDevice(FileDevice(path), readahead=2) as dev:
+        for off in range(0, 6 * block + 2 * step, step):
+            for start, end in ((0, half), (half, 12 * block)):
+                if start + off < end:
+                    assert dev.pread(step, start + off) == oracle[start + off:start + off + step]
+        dev._shared.pool.shutdown(wait=True)
+        assert dev.cache_info()["decoded"] == 12
+
+
 def text_and_random_xz(tmp_path, *filters):
     """1 MiB Blocks, each a quarter text (LZMA chunks) and three quarters random (stored
     uncompressed: at least its last two 256 KiB pieces)."""

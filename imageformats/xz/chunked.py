@@ -154,7 +154,7 @@ class _Shared:
         self.prefetch_local = threading.local()
         self.prefetch_handles: list[BlockDevice] = []
         # Sequential readers being followed: chunk index a stream is at -> (its streak, the
-        # chunk it started in).
+        # first chunk it read from the start).
         self.streams: OrderedDict[int, tuple[int, int]] = OrderedDict()
         # Cached chunks a sequential stream has read past, oldest first.
         self.passed: OrderedDict[int, None] = OrderedDict()
@@ -523,7 +523,9 @@ class ChunkedDevice(BlockDevice):
 
     # -- read-ahead --------------------------------------------------------------------
 
-    def _maybe_prefetch(self, index: int) -> None:
+    def _maybe_prefetch(self, index: int, offset: int) -> None:
+        """Follow the sequential readers (a read at ``offset`` in chunk ``index``): decode ahead
+        of them, and evict the chunks they have passed."""
         shared = self._shared
         if shared.readahead <= 0:
             return
@@ -540,10 +542,13 @@ class ChunkedDevice(BlockDevice):
             elif index - 1 in streams:
                 streak, first = streams.pop(index - 1)
                 streak += 1
-                if streak >= 2 and index - 1 in shared.cache:
+                # A chunk the stream entered in the middle stays: its start belongs to the
+                # region before, whose reader has yet to get there.
+                if streak >= 2 and index - 1 in shared.cache and index - 1 >= first:
                     reusable = self._passed_locked(index - 1)
             else:
-                streak, first = 0, index
+                streak = 0
+                first = index if offset == shared.chunks[index].ustart else index + 1
                 while len(streams) >= _MAX_STREAMS:
                     streams.popitem(last=False)
             streams[index] = (streak, first)
@@ -614,7 +619,7 @@ class ChunkedDevice(BlockDevice):
             index = self._chunk_at(pos)
             chunk = shared.chunks[index]
             entry = self._get(index, self.backing)
-            self._maybe_prefetch(index)
+            self._maybe_prefetch(index, pos)
             stop = min(end, chunk.ustart + chunk.usize)
             if entry is SPILLED:
                 _pread_all(shared.spill_fd, buf[pos - offset:stop - offset], pos)
@@ -644,7 +649,7 @@ class ChunkedDevice(BlockDevice):
         if not length or within + length > PIECE:
             return None
         entry = self._get(index, self.backing)
-        self._maybe_prefetch(index)
+        self._maybe_prefetch(index, offset)
         if entry is SPILLED:
             return None
         piece = entry[piece_no]
