@@ -270,6 +270,15 @@ class BlockDevice:
     def _memory_range(self, length: int, offset: int) -> memoryview | None:
         return None
 
+    def head(self, length: int) -> bytes:
+        """The first ``length`` bytes (fewer if the device is smaller), for format detection.
+
+        A layer may answer without its usual integrity checks and without caching: a
+        compressed device decodes just the start of its first chunk instead of the whole
+        chunk (the next layer's own reads are checked as always).  Default: pread().
+        """
+        return self.pread(min(length, self.size), 0)
+
     def clone(self) -> "BlockDevice":
         """An independent handle on the same image, for another thread or connection."""
         raise UnsupportedFeatureError(f"{self.format_name} device cannot be cloned")

@@ -163,7 +163,7 @@ def get_format(name: str) -> Format:
 
 
 def _read_head(dev: BlockDevice) -> bytes:
-    return dev.pread(min(PROBE_BYTES, dev.size), 0)
+    return dev.head(PROBE_BYTES)
 
 
 def probe(dev: BlockDevice, kinds: tuple[str, ...] = KINDS) -> Format | None:

@@ -142,6 +142,17 @@ def test_single_block_spills_to_sparse_temp_file(tmp_path, source):
         c.close()
 
 
+def test_probe_decodes_only_the_head_of_a_big_single_block(tmp_path, source):
+    """Opening a file xz wrote as one Block probes the guest's first bytes for a format inside;
+    that must not decode (and spill) the whole Block, and the head must be xz's own bytes."""
+    path, oracle = xz_file(tmp_path, source, "-1")
+    with imageformats.open(str(path), max_chunk_memory=256 * KiB, tmpdir=str(tmp_path)) as dev:
+        info = dev.cache_info()
+        assert info["decoded"] == 0 and info["spilled-chunks"] == 0
+        assert dev.head(4096) == oracle[:4096]
+        assert dev.head(len(oracle) + 10) == oracle  # longer than the device: all of it
+
+
 def test_extents_report_zero_blocks(tmp_path):
     raw = tmp_path / "z.raw"
     data = bytes(1 * MiB) + random.Random(5).randbytes(1 * MiB) + bytes(2 * MiB)
@@ -260,6 +271,61 @@ def test_block_split_between_two_readers_is_decoded_once(tmp_path):
                     assert dev.pread(step, start + off) == oracle[start + off:start + off + step]
         dev._shared.pool.shutdown(wait=True)
         assert dev.cache_info()["decoded"] == 12
+
+
+class _RecordingPool:
+    """Stands in for the read-ahead thread pool: records which Blocks would be decoded ahead."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, fn, index):
+        self.submitted.append(index)
+
+    def shutdown(self, **kwargs):
+        pass
+
+
+def test_read_ahead_is_shared_between_sequential_readers(tmp_path):
+    """A lone sequential reader has both read-ahead slots (two Blocks ahead, so two decodes run
+    at once); two readers one each (so decode buffers are read and reused sooner)."""
+    path, oracle = text_xz(tmp_path)
+    block, step = 256 * KiB, 64 * KiB
+    with XzDevice(FileDevice(path), readahead=2) as dev:
+        pool = dev._shared.pool = _RecordingPool()
+        dev._shared.prefetch_backing = dev.backing.clone()
+        for off in range(0, block + step, step):  # into Block 1
+            dev.pread(step, off)
+        assert pool.submitted[:2] == [1, 2]
+        pool.submitted.clear()
+        for off in range(0, 2 * block, step):  # a second reader, interleaved with the first
+            dev.pread(step, 6 * block + off)
+            dev.pread(step, 2 * block + off)
+        assert sorted(set(pool.submitted)) == [3, 4, 7, 8]  # never two ahead of either reader
+        assert all(dev.pread(step, i * block) == oracle[i * block:i * block + step] for i in range(12))
+
+
+def test_idle_buffers_kept_within_the_cache_budget():
+    """Evicted decode buffers are kept for reuse while the cache leaves room (a scan keeps it
+    nearly empty), and dropped again as cached chunks need the room."""
+    from imageformats.xz.chunked import _MAX_SPARE_BUFFERS, _Shared
+    size = 1 * MiB
+    shared = _Shared([], 0, cache_size=6 * size, max_chunk_memory=size, readahead=0, tmpdir=None)
+    for _ in range(5):
+        shared.give_back(bytearray(size))
+    assert len(shared.spare) == 5 and shared.idle_bytes == 5 * size
+    shared.give_back(bytearray(size))
+    shared.give_back(bytearray(size))  # past the budget: not kept
+    assert len(shared.spare) == 6
+    with shared.lock:
+        shared.cache_bytes = 3 * size  # cached chunks take room: idle buffers give it back
+        shared.trim_idle_locked()
+    assert len(shared.spare) == 3 and shared.idle_bytes == 3 * size
+    with shared.lock:
+        shared.cache_bytes = 6 * size
+        shared.trim_idle_locked()
+    assert len(shared.spare) == _MAX_SPARE_BUFFERS  # these few are kept whatever the budget
+    assert shared.take_buffer(size) is not None and shared.idle_bytes == (_MAX_SPARE_BUFFERS - 1) * size
 
 
 def text_and_random_xz(tmp_path, *filters):

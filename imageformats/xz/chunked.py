@@ -38,6 +38,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -68,12 +69,15 @@ MAX_CHUNKS = 1 << 22
 DEFAULT_READAHEAD = 2
 #: Sequential streams followed at once for read-ahead.
 _MAX_STREAMS = 4
-#: Evicted chunk buffers kept for reuse (memory beyond the cache budget: at most this many chunks).
+#: Evicted chunk buffers kept for reuse even when the cache budget is full (memory beyond the
+#: budget: at most this many chunks).
 _MAX_SPARE_BUFFERS = 2
 #: Chunks a sequential stream has read past that stay cached; older ones are evicted at once
 #: (a scan would otherwise fill the whole cache with chunks it will not read again, each in
 #: freshly faulted-in memory, and evict what random readers use).
 _PASSED_KEEP = 2
+#: A sequential stream not read for this long (seconds) no longer shares the read-ahead.
+_STREAM_IDLE = 1.0
 
 #: Memory charged for a stored piece (where its parts lie, their CRC-32s).
 _STORED_PIECE_COST = 1024
@@ -145,7 +149,13 @@ class _Shared:
         self.spilled: set[int] = set()
         self.zero_chunks: set[int] = set()
         self.buffers: dict[int, Any] = {}  # chunk index -> the buffer its cached pieces view
-        self.spare: list = []  # evicted chunk buffers no reader holds, kept for reuse
+        # Evicted chunk buffers kept for the next decodes (reusing memory saves the page faults
+        # of fresh memory): free ones, and ones still viewed (a send in flight) to be reused
+        # once free.  Their bytes, idle_bytes, count against cache_size beyond the first
+        # _MAX_SPARE_BUFFERS: a scan, which keeps the cache nearly empty, reuses all its buffers.
+        self.spare: list = []
+        self.draining: list = []
+        self.idle_bytes = 0
         self.spill_fd: int | None = None
         self.spill_bytes = 0
         self.refs = 0
@@ -154,8 +164,8 @@ class _Shared:
         self.prefetch_local = threading.local()
         self.prefetch_handles: list[BlockDevice] = []
         # Sequential readers being followed: chunk index a stream is at -> (its streak, the
-        # first chunk it read from the start).
-        self.streams: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        # first chunk it read from the start, when it last read).
+        self.streams: OrderedDict[int, tuple[int, int, float]] = OrderedDict()
         # Cached chunks a sequential stream has read past, oldest first.
         self.passed: OrderedDict[int, None] = OrderedDict()
         self.stats = {"decoded": 0, "hits": 0, "misses": 0, "spilled": 0, "prefetched": 0, "reused-buffers": 0,
@@ -173,7 +183,14 @@ class _Shared:
             for i, buf in enumerate(self.spare):
                 if len(buf) == size:
                     self.stats["reused-buffers"] += 1
+                    self.idle_bytes -= size
                     return self.spare.pop(i)
+            for i in range(len(self.draining)):
+                # the list's reference and getrefcount's argument: no view is left
+                if len(self.draining[i]) == size and sys.getrefcount(self.draining[i]) <= 2:
+                    self.stats["reused-buffers"] += 1
+                    self.idle_bytes -= size
+                    return self.draining.pop(i)
         if not size:
             return bytearray()
         # Private, not Python's default shared mapping: shared anonymous memory is shmem, whose
@@ -181,10 +198,21 @@ class _Shared:
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give_back(self, buf) -> None:
-        """Keep a chunk buffer nobody reads any more for the next decode (a few at most)."""
+        """Keep a chunk buffer nobody reads any more for the next decode, if there is room."""
         with self.lock:
-            if len(self.spare) < _MAX_SPARE_BUFFERS and len(buf):
+            if self._may_keep_locked(buf):
                 self.spare.append(buf)
+                self.idle_bytes += len(buf)
+
+    def _may_keep_locked(self, buf) -> bool:
+        return bool(len(buf)) and (len(self.spare) + len(self.draining) < _MAX_SPARE_BUFFERS
+                                   or self.cache_bytes + self.idle_bytes + len(buf) <= self.cache_size)
+
+    def trim_idle_locked(self) -> None:
+        """Drop kept buffers (oldest first) while they push the cache past its budget."""
+        while (len(self.spare) + len(self.draining) > _MAX_SPARE_BUFFERS
+               and self.cache_bytes + self.idle_bytes > self.cache_size):
+            self.idle_bytes -= len((self.draining or self.spare).pop(0))
 
     def evict_locked(self, index: int):
         """Drop a chunk from the cache (lock held); returns its buffer if it may be reused now."""
@@ -198,6 +226,9 @@ class _Shared:
         # own argument remain if nobody holds a view: then reuse is safe.
         if buf is not None and sys.getrefcount(buf) <= 2:
             return buf
+        if buf is not None and self._may_keep_locked(buf):
+            self.draining.append(buf)
+            self.idle_bytes += len(buf)
         return None
 
     def close(self) -> None:
@@ -217,6 +248,8 @@ class _Shared:
         self.passed.clear()
         self.buffers.clear()
         self.spare.clear()
+        self.draining.clear()
+        self.idle_bytes = 0
         self.cache_bytes = 0
 
 
@@ -508,6 +541,7 @@ class ChunkedDevice(BlockDevice):
                     if buf is not None:
                         shared.buffers[index] = buf
                     shared.cache_bytes += cost
+                    shared.trim_idle_locked()
                     while shared.cache_bytes > shared.cache_size and len(shared.cache) > 1:
                         old_buf = shared.evict_locked(next(iter(shared.cache)))
                         if old_buf is not None:
@@ -525,7 +559,8 @@ class ChunkedDevice(BlockDevice):
 
     def _maybe_prefetch(self, index: int, offset: int) -> None:
         """Follow the sequential readers (a read at ``offset`` in chunk ``index``): decode ahead
-        of them, and evict the chunks they have passed."""
+        of them, and evict the chunks they have passed.  Called before the read waits for its
+        chunk, so the next chunk is queued while this one still decodes."""
         shared = self._shared
         if shared.readahead <= 0:
             return
@@ -536,11 +571,12 @@ class ChunkedDevice(BlockDevice):
             # streak of two before their stream is forgotten, so they waste little decoding.
             streams = shared.streams
             reusable = None
+            now = time.monotonic()
             if index in streams:
-                streak, first = streams.pop(index)
+                streak, first, _ = streams.pop(index)
                 streak += 1
             elif index - 1 in streams:
-                streak, first = streams.pop(index - 1)
+                streak, first, _ = streams.pop(index - 1)
                 streak += 1
                 # A chunk the stream entered in the middle stays: its start belongs to the
                 # region before, whose reader has yet to get there.
@@ -551,7 +587,7 @@ class ChunkedDevice(BlockDevice):
                 first = index if offset == shared.chunks[index].ustart else index + 1
                 while len(streams) >= _MAX_STREAMS:
                     streams.popitem(last=False)
-            streams[index] = (streak, first)
+            streams[index] = (streak, first, now)
         if reusable is not None:
             shared.give_back(reusable)
         with shared.lock:
@@ -560,9 +596,15 @@ class ChunkedDevice(BlockDevice):
             # Not into chunks another stream has read already: a client that splits the disk
             # into regions (nbdcopy: 128 MiB per connection) reaches the start of the next
             # region after its reader has passed it, and decoding it again is wasted work.
-            read_by_others = [(start, at) for at, (_, start) in streams.items() if at != index]
+            read_by_others = [(start, at) for at, (_, start, _) in streams.items() if at != index]
+            # The decode threads are shared: a lone reader has them all ahead of it, several
+            # (nbdcopy's connections) one chunk each, so that decode buffers are read and
+            # reused sooner (fewer fresh pages faulted in).
+            others = sum(1 for at, (streak_, _, seen) in streams.items()
+                         if at != index and streak_ >= 2 and now - seen < _STREAM_IDLE)
+            depth = max(1, shared.readahead // (others + 1))
             wanted = [
-                i for i in range(index + 1, min(index + 1 + shared.readahead, len(shared.chunks)))
+                i for i in range(index + 1, min(index + 1 + depth, len(shared.chunks)))
                 if i not in shared.cache and i not in shared.inflight and i not in shared.spilled
                 and 0 < shared.chunks[i].usize <= shared.max_chunk_memory
                 and not any(start <= i < at for start, at in read_by_others)
@@ -618,8 +660,8 @@ class ChunkedDevice(BlockDevice):
         while pos < end:
             index = self._chunk_at(pos)
             chunk = shared.chunks[index]
-            entry = self._get(index, self.backing)
             self._maybe_prefetch(index, pos)
+            entry = self._get(index, self.backing)
             stop = min(end, chunk.ustart + chunk.usize)
             if entry is SPILLED:
                 _pread_all(shared.spill_fd, buf[pos - offset:stop - offset], pos)
@@ -648,8 +690,8 @@ class ChunkedDevice(BlockDevice):
         piece_no, within = divmod(offset - chunk.ustart, PIECE)
         if not length or within + length > PIECE:
             return None
-        entry = self._get(index, self.backing)
         self._maybe_prefetch(index, offset)
+        entry = self._get(index, self.backing)
         if entry is SPILLED:
             return None
         piece = entry[piece_no]

@@ -141,6 +141,26 @@ class XzDevice(ChunkedDevice):
         for _ in self._decode_windows(chunk, backing, memoryview(out).cast("B")):
             pass
 
+    def head(self, length: int) -> bytes:
+        """The first bytes, decoded from the start of the first Block without decoding all of
+        it (a probe of a big single-Block file would otherwise decode the whole file); not
+        verified against the Block's Check, which only the whole Block has."""
+        chunks = self._shared.chunks
+        length = min(length, self.size)
+        if not length or not chunks or chunks[0].usize < length or 0 in self._shared.cache:
+            return super().head(length)
+        window = memoryview(bytearray(length))
+        self._check_open()
+        decoder = self._decode_windows(chunks[0], self.backing, window)
+        try:
+            first = next(decoder)
+        finally:
+            decoder.close()
+        if len(first) != length:
+            raise CorruptImageError(f"xz Block 0 at file offset {chunks[0].cstart} decodes to fewer than "
+                                    f"{length} bytes")
+        return bytes(first)
+
     def _decode_windows(self, chunk: Chunk, backing: BlockDevice, window: memoryview) -> Iterator[memoryview]:
         """Decode a Block into ``window`` again and again; yields it each time it is full, and
         the filled part at the end.  Raises unless the Block decodes to exactly its Index size
