@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
 """Benchmark: nbdcopy from the built-in NBD server vs nbdkit, over a Unix socket (captive servers).
 
-    python3 bench/nbd_serve.py [--size 1G] [--cases raw,xz,luks] [--repeat 2] [--dir /var/tmp]
+    python3 bench/nbd_serve.py [--size 1G] [--cases raw,xz,luks] [--repeat 5] [--dir /var/tmp]
                                [--serve-args "--workers 4"]
 
 raw:  a fully written (random) raw file: imageformats serve FILE  vs  nbdkit file FILE
 xz:   a multi-block xz of a raw image: imageformats serve F.xz  vs  nbdkit file F.xz --filter=xz
 luks: a LUKS1 image made by qemu-img: imageformats serve --passphrase-file  vs  nbdkit --filter=luks
 Each server listens on a Unix socket; each copy is ``nbdcopy nbd+unix:///?socket=S null:``
-(4 connections, 64 requests in flight, 256 KiB requests).  Best of --repeat runs, each
-with a freshly started server (no cache warmed by an earlier run); the server's start-up
-is not counted.  Prints both rates, the servers' CPU seconds during
-the copy, and the ratios (throughput, and CPU efficiency = nbdkit CPU / our CPU, which
-depends less on what else the machine is doing).
+(4 connections, 64 requests in flight, 256 KiB requests).  --repeat runs of each server,
+alternating, each with a freshly started server (no cache warmed by an earlier run); the
+server's start-up is not counted.  Prints the best and median rates, the servers' CPU seconds
+during the copy, and the ratios (throughput best and median, and CPU efficiency = nbdkit CPU /
+our CPU, which depends less on what else the machine is doing).
 Not part of the test suite.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,34 +41,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_copy(server: list[str], sock: str, repeat: int) -> tuple[float, float]:
-    """Start SERVER (listening on the Unix socket SOCK) and copy from it once with nbdcopy;
-    REPEAT times, each with a fresh server (so no run profits from a cache warmed by another).
+def one_copy(server: list[str], sock: str) -> tuple[float, float]:
+    """Start SERVER (listening on the Unix socket SOCK), copy from it once with nbdcopy, stop it.
 
-    Returns (best wall seconds, server CPU seconds of that run).  Server start-up
-    (Python imports, LUKS key derivation) is not counted.
+    Returns (wall seconds, server CPU seconds) of the copy.  Server start-up (Python imports,
+    LUKS key derivation) is not counted.
     """
-    best = (float("inf"), 0.0)
+    if os.path.exists(sock):
+        os.unlink(sock)
+    proc = subprocess.Popen(server)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start: {server}")
+            time.sleep(0.02)
+        time.sleep(0.2)  # let the server finish starting up before the clock starts
+        c0 = cpu_seconds(proc.pid)
+        t0 = time.perf_counter()
+        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"], check=True)
+        return time.perf_counter() - t0, cpu_seconds(proc.pid) - c0
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def timed_copies(ours: list[str], theirs: list[str], sock: str, repeat: int) -> tuple[list, list]:
+    """REPEAT copies from each server, alternating (so a slow spell of the machine hits both),
+    each from a freshly started server (no run profits from a cache warmed by another)."""
+    mine, peer = [], []
     for _ in range(repeat):
-        if os.path.exists(sock):
-            os.unlink(sock)
-        proc = subprocess.Popen(server)
-        try:
-            deadline = time.monotonic() + 60
-            while not os.path.exists(sock):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start: {server}")
-                time.sleep(0.02)
-            time.sleep(0.2)  # let the server finish starting up before the clock starts
-            c0 = cpu_seconds(proc.pid)
-            t0 = time.perf_counter()
-            subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"], check=True)
-            wall = time.perf_counter() - t0
-            best = min(best, (wall, cpu_seconds(proc.pid) - c0))
-        finally:
-            proc.terminate()
-            proc.wait()
-    return best
+        mine.append(one_copy(ours, sock))
+        peer.append(one_copy(theirs, sock))
+    return mine, peer
 
 
 def make_random_raw(path: str, size: int) -> None:
@@ -89,12 +95,19 @@ def make_compressible_raw(path: str, size: int) -> None:
             f.write(os.urandom(chunk // 2) + text[: chunk // 2] if i % 2 else text)
 
 
-def report(name: str, size: int, ours: tuple[float, float], theirs: tuple[float, float], peer: str) -> None:
+def report(name: str, size: int, ours: list, theirs: list, peer: str) -> None:
+    """Best and median of each side's runs, and the ratios of both."""
     mib = size / (1 << 20)
-    (ow, oc), (tw, tc) = ours, theirs
-    print(f"{name:5s} imageformats serve  : {ow:6.2f} s {mib / ow:8.1f} MiB/s   server CPU {oc:5.2f} s")
-    print(f"{name:5s} {peer:20s}: {tw:6.2f} s {mib / tw:8.1f} MiB/s   server CPU {tc:5.2f} s")
-    print(f"{name:5s} ratio ours/nbdkit: throughput {tw / ow:.2f}x, CPU efficiency {tc / oc if oc else 0:.2f}x")
+    for label, runs in (("imageformats serve", ours), (peer, theirs)):
+        walls = sorted(w for w, _ in runs)
+        best = min(runs)
+        print(f"{name:5s} {label:20s}: best {best[0]:6.2f} s {mib / best[0]:8.1f} MiB/s (server CPU {best[1]:5.2f} s), "
+              f"median {statistics.median(walls):6.2f} s, server CPU median {statistics.median(c for _, c in runs):5.2f} s")
+    best_ratio = min(theirs)[0] / min(ours)[0]
+    median_ratio = statistics.median(w for w, _ in theirs) / statistics.median(w for w, _ in ours)
+    cpu_ratio = statistics.median(c for _, c in theirs) / max(statistics.median(c for _, c in ours), 1e-9)
+    print(f"{name:5s} ratio ours/nbdkit: throughput best {best_ratio:.2f}x, median {median_ratio:.2f}x; "
+          f"CPU efficiency (medians) {cpu_ratio:.2f}x")
     sys.stdout.flush()
 
 
@@ -102,7 +115,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="guest size for raw (default 1G); xz/luks use a quarter")
     ap.add_argument("--cases", default="raw,xz,luks")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to put the images (default: a temp dir)")
     ap.add_argument("--serve-args", default="", help="extra arguments for imageformats serve (e.g. '--workers 1')")
     args = ap.parse_args()
@@ -115,8 +128,8 @@ def main() -> int:
         if "raw" in cases:
             raw = os.path.join(work, "disk.raw")
             make_random_raw(raw, size)
-            ours = timed_copy([*IMAGEFORMATS, "serve", *extra, raw, "--socket", sock], sock, args.repeat)
-            theirs = timed_copy(["nbdkit", "-f", "-U", sock, "file", raw], sock, args.repeat)
+            ours, theirs = timed_copies([*IMAGEFORMATS, "serve", *extra, raw, "--socket", sock],
+                                        ["nbdkit", "-f", "-U", sock, "file", raw], sock, args.repeat)
             report("raw", size, ours, theirs, "nbdkit file")
             os.unlink(raw)
         small = max(size // 4, 16 << 20)
@@ -126,8 +139,8 @@ def main() -> int:
             xz = raw + ".xz"
             with open(xz, "wb") as out:
                 subprocess.run(["xz", "-T2", "-1", "--block-size=16MiB", "-c", raw], stdout=out, check=True)
-            ours = timed_copy([*IMAGEFORMATS, "serve", *extra, xz, "--socket", sock], sock, args.repeat)
-            theirs = timed_copy(["nbdkit", "-f", "-U", sock, "file", xz, "--filter=xz"], sock, args.repeat)
+            ours, theirs = timed_copies([*IMAGEFORMATS, "serve", *extra, xz, "--socket", sock],
+                                        ["nbdkit", "-f", "-U", sock, "file", xz, "--filter=xz"], sock, args.repeat)
             report("xz", small, ours, theirs, "nbdkit --filter=xz")
             os.unlink(raw)
             os.unlink(xz)
@@ -146,10 +159,9 @@ def main() -> int:
                     break
             else:
                 raise SystemExit("qemu-img could not create the LUKS image")
-            ours = timed_copy([*IMAGEFORMATS, "serve", *extra, "--passphrase-file", secret, luks, "--socket", sock], sock,
-                              args.repeat)
-            theirs = timed_copy(["nbdkit", "-f", "-U", sock, "file", luks, "--filter=luks", f"passphrase=+{secret}"],
-                                sock, args.repeat)
+            ours, theirs = timed_copies(
+                [*IMAGEFORMATS, "serve", *extra, "--passphrase-file", secret, luks, "--socket", sock],
+                ["nbdkit", "-f", "-U", sock, "file", luks, "--filter=luks", f"passphrase=+{secret}"], sock, args.repeat)
             report("luks", small, ours, theirs, "nbdkit --filter=luks")
     finally:
         shutil.rmtree(work, ignore_errors=True)
