@@ -147,7 +147,8 @@ class XzDevice(ChunkedDevice):
         verified against the Block's Check, which only the whole Block has."""
         chunks = self._shared.chunks
         length = min(length, self.size)
-        if not length or not chunks or chunks[0].usize < length or 0 in self._shared.cache:
+        if (not length or not chunks or chunks[0].usize < length
+                or 0 in self._shared.cache or 0 in self._shared.spilled):  # decoded already
             return super().head(length)
         window = memoryview(bytearray(length))
         self._check_open()
