@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
+import sys
 import threading
 
 import pytest
@@ -16,6 +19,7 @@ from imageformats.errors import (CorruptImageError, ImageFormatError, OutOfRange
 from imageformats.testing.evil import EvilDevice
 from imageformats.xz import XzDevice
 from imageformats.xz import header as h
+from imageformats.xz import liblzma
 
 from peers import run
 
@@ -581,6 +585,55 @@ def test_memlimit(tmp_path, source):
             dev.pread(10, 0)
     with XzDevice(FileDevice(path), memlimit=64 << 20) as dev:
         assert dev.pread(4096, 0) == oracle[:4096]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(map(int, re.search(r"(\d+)\.(\d+)\.(\d+)", text).groups()))
+
+
+def test_decoder_uses_the_newest_liblzma_at_hand():
+    """Debian 12's liblzma is 5.4.1; imagecodecs' wheel bundles a newer one (5.6 sped up LZMA
+    decoding): the decoder takes whichever is newer.  Oracles: the versions the xz tool and
+    imagecodecs each report for their own library."""
+    import imagecodecs
+
+    system = _version(run("xz", "--version").stdout.decode().splitlines()[1])  # "liblzma 5.4.1"
+    bundled = _version(imagecodecs.lzma_version())                              # "liblzma 5.8.2"
+    assert _version(liblzma.version_string()) == max(system, bundled)
+
+
+DECODE_AND_REPORT = """
+import hashlib, sys
+from imageformats.block import FileDevice
+from imageformats.xz import XzDevice, liblzma
+with XzDevice(FileDevice(sys.argv[1])) as dev:
+    print(liblzma.version_string(), hashlib.sha256(dev.pread(dev.size, 0)).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("choice", ["system", "", "bundled"])
+def test_every_liblzma_choice_decodes_what_xz_decodes(tmp_path, source, choice):
+    """IMAGEFORMATS_LIBLZMA=system forces the system library, a path forces that file; either
+    way the bytes are xz's (the system xz tool is the oracle)."""
+    import imagecodecs
+
+    path, oracle = xz_file(tmp_path, source, "-T2", "--block-size=256KiB", "--x86", "--lzma2=preset=6")
+    if choice == "bundled":
+        choice = liblzma._bundled_paths()[0]
+    proc = run(sys.executable, "-c", DECODE_AND_REPORT, path, env={liblzma.LIBRARY_ENV: choice})
+    version, digest = proc.stdout.decode().split()
+    assert digest == hashlib.sha256(oracle).hexdigest()
+    expected = {"system": run("xz", "--version").stdout.decode().splitlines()[1],
+                "": liblzma.version_string()}.get(choice, imagecodecs.lzma_version())
+    assert _version(version) == _version(expected)
+
+
+def test_unloadable_liblzma_named_in_one_line(tmp_path, source):
+    path, _ = xz_file(tmp_path, source, "-1")
+    proc = run("imageformats", "info", path, check=False, env={liblzma.LIBRARY_ENV: str(tmp_path / "nope.so")})
+    assert proc.returncode != 0
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "IMAGEFORMATS_LIBLZMA" in err and "nope.so" in err, err
 
 
 def test_serve_qcow2_xz_over_nbd(tmp_path):

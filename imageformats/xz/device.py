@@ -264,6 +264,10 @@ class XzDevice(ChunkedDevice):
             "largest-block": max((c.usize for c in chunks), default=0),
         }
         try:
+            info["decoder"] = f"liblzma {liblzma.version_string()}"
+        except UnsupportedFeatureError:
+            info["decoder"] = "none: no liblzma found"
+        try:
             first = next(c for c in chunks if c.usize)
             size_byte = self.backing.pread(1, first.cstart)[0]
             hdr = h.parse_block_header(self.backing.pread((size_byte + 1) * 4, first.cstart))

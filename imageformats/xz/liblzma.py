@@ -5,9 +5,14 @@ object: for a 16 MiB Block that is a fresh allocation (page faults, and an munma
 that stalls every other thread when it is freed) plus another copy into the
 Block cache.  liblzma itself decodes into any buffer, so a Block goes straight
 into the one array the cache keeps.  The ctypes calls release the GIL, so Blocks
-decode on both cores.  Same library, same checks: liblzma verifies the Block
-Header CRC32, the Block's Check and the sizes against the Index, exactly as
-when Python's lzma module drives it.
+decode on both cores.  liblzma verifies the Block Header CRC32, the Block's
+Check and the sizes against the Index, exactly as when Python's lzma module
+drives it.
+
+Which liblzma: the newest of the system's liblzma.so.5 and the copy bundled in
+imagecodecs' wheel (a dependency).  liblzma 5.6 rewrote the hot loops of the
+LZMA decoder; on Debian 12 (liblzma 5.4.1) the bundled 5.8 decodes the same
+Blocks in about half the CPU time (bench/xz_liblzma.py).
 """
 
 from __future__ import annotations
@@ -65,7 +70,11 @@ class _LzmaStream(ctypes.Structure):
     ]
 
 
-def _open_library():
+#: Environment variable naming the liblzma to use: a path, or "system" for liblzma.so.5.
+LIBRARY_ENV = "IMAGEFORMATS_LIBLZMA"
+
+
+def _system_library():
     try:
         return ctypes.CDLL("liblzma.so.5")
     except OSError:
@@ -79,7 +88,69 @@ def _open_library():
             return ctypes.CDLL(name)
         except OSError:
             pass
-    raise UnsupportedFeatureError("the system liblzma (liblzma.so.5) was not found")
+    return None
+
+
+def _bundled_paths() -> list[str]:
+    """liblzma copies shipped inside installed wheels: imagecodecs' manylinux wheels carry a
+    current release (5.8 in 2026) for their LZMA codec.  Found without importing imagecodecs."""
+    import glob
+    import importlib.util
+    import os
+
+    try:
+        spec = importlib.util.find_spec("imagecodecs")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    paths = []
+    for package_dir in spec.submodule_search_locations:
+        # auditwheel puts the wheel's shared libraries in <site-packages>/<name>.libs
+        libs = os.path.join(os.path.dirname(os.path.abspath(package_dir)), "imagecodecs.libs")
+        paths += sorted(glob.glob(os.path.join(libs, "liblzma*.so*")))
+    return paths
+
+
+def _version(lib) -> int:
+    """lzma_version_number(): major * 10**7 + minor * 10**4 + patch * 10 + stability."""
+    lib.lzma_version_number.restype = ctypes.c_uint32
+    lib.lzma_version_number.argtypes = []
+    return lib.lzma_version_number()
+
+
+def _open_library():
+    """The newest liblzma at hand: the system's, or a wheel's newer copy.  liblzma 5.6 made
+    LZMA decoding much faster (bench/xz_liblzma.py measures it); the format and checks are
+    the same.  IMAGEFORMATS_LIBLZMA=system, or a path, overrides the choice."""
+    import os
+
+    choice = os.environ.get(LIBRARY_ENV, "")
+    if choice and choice != "system":
+        try:
+            return ctypes.CDLL(choice)
+        except OSError as exc:
+            raise UnsupportedFeatureError(f"{LIBRARY_ENV}={choice}: cannot load it ({exc.strerror or exc})") from None
+    best = _system_library()
+    if choice != "system":
+        for path in _bundled_paths():
+            try:
+                lib = ctypes.CDLL(path)
+                if best is None or _version(lib) > _version(best):
+                    best = lib
+            except (OSError, AttributeError):
+                continue  # not a usable liblzma: keep what we have
+    if best is None:
+        raise UnsupportedFeatureError("no liblzma found (the system's liblzma.so.5, or imagecodecs' copy)")
+    return best
+
+
+def version_string() -> str:
+    """Version of the liblzma that decodes Blocks, e.g. "5.8.2"."""
+    lib = _liblzma()
+    lib.lzma_version_string.restype = ctypes.c_char_p
+    lib.lzma_version_string.argtypes = []
+    return lib.lzma_version_string().decode()
 
 
 def _load():
