@@ -2,10 +2,11 @@
 """Benchmark: nbdcopy from the built-in NBD server vs nbdkit, over a Unix socket (captive servers).
 
     python3 bench/nbd_serve.py [--size 1G] [--cases raw,xz,luks] [--repeat 5] [--dir /var/tmp]
-                               [--serve-args "--workers 4"]
+                               [--serve-args "--workers 4"] [--same-liblzma]
 
 raw:  a fully written (random) raw file: imageformats serve FILE  vs  nbdkit file FILE
 xz:   a multi-block xz of a raw image: imageformats serve F.xz  vs  nbdkit file F.xz --filter=xz
+      (prints the liblzma each side decodes with; --same-liblzma adds nbdkit run with ours)
 luks: a LUKS1 image made by qemu-img: imageformats serve --passphrase-file  vs  nbdkit --filter=luks
 Each server listens on a Unix socket; each copy is ``nbdcopy nbd+unix:///?socket=S null:``
 (4 connections, 64 requests in flight, 256 KiB requests).  --repeat runs of each server,
@@ -19,7 +20,9 @@ Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -66,14 +69,32 @@ def one_copy(server: list[str], sock: str) -> tuple[float, float]:
         proc.wait()
 
 
-def timed_copies(ours: list[str], theirs: list[str], sock: str, repeat: int) -> tuple[list, list]:
-    """REPEAT copies from each server, alternating (so a slow spell of the machine hits both),
+def timed_copies(ours: list[str], theirs: list[str], sock: str, repeat: int, *more: list[str]) -> list[list]:
+    """REPEAT copies from each server, alternating (so a slow spell of the machine hits all),
     each from a freshly started server (no run profits from a cache warmed by another)."""
-    mine, peer = [], []
+    servers = [ours, theirs, *more]
+    runs: list[list] = [[] for _ in servers]
     for _ in range(repeat):
-        mine.append(one_copy(ours, sock))
-        peer.append(one_copy(theirs, sock))
-    return mine, peer
+        for server, done in zip(servers, runs):
+            done.append(one_copy(server, sock))
+    return runs
+
+
+def liblzma_versions() -> tuple[str, str, str]:
+    """(ours, nbdkit's, ours' file): the liblzma our server decodes with and the one nbdkit's xz
+    filter loads (with no LD_LIBRARY_PATH), so the figures say what each side ran."""
+    ours = subprocess.run([*IMAGEFORMATS[:1], "-c", "from imageformats.xz import liblzma; "
+                           "print(liblzma.version_string(), liblzma.library_path())"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    config = subprocess.run(["nbdkit", "--dump-config"], capture_output=True, text=True, check=True).stdout
+    filterdir = dict(line.split("=", 1) for line in config.splitlines() if "=" in line)["filterdir"]
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    ldd = subprocess.run(["ldd", os.path.join(filterdir, "nbdkit-xz-filter.so")], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    path = re.search(r"liblzma\.so\.5 => (\S+)", ldd).group(1)
+    lib = ctypes.CDLL(path)
+    lib.lzma_version_string.restype = ctypes.c_char_p
+    return ours[0], lib.lzma_version_string().decode(), ours[1]
 
 
 def make_random_raw(path: str, size: int) -> None:
@@ -118,6 +139,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to put the images (default: a temp dir)")
     ap.add_argument("--serve-args", default="", help="extra arguments for imageformats serve (e.g. '--workers 1')")
+    ap.add_argument("--same-liblzma", action="store_true",
+                    help="xz: also run nbdkit with the liblzma our server uses (when they differ)")
     args = ap.parse_args()
     extra = args.serve_args.split()
     size = parse_size(args.size)
@@ -139,9 +162,21 @@ def main() -> int:
             xz = raw + ".xz"
             with open(xz, "wb") as out:
                 subprocess.run(["xz", "-T2", "-1", "--block-size=16MiB", "-c", raw], stdout=out, check=True)
-            ours, theirs = timed_copies([*IMAGEFORMATS, "serve", *extra, xz, "--socket", sock],
-                                        ["nbdkit", "-f", "-U", sock, "file", xz, "--filter=xz"], sock, args.repeat)
+            ours_version, nbdkit_version, ours_path = liblzma_versions()
+            print(f"xz    liblzma: ours {ours_version}, nbdkit's xz filter {nbdkit_version}")
+            nbdkit_xz = ["nbdkit", "-f", "-U", sock, "file", xz, "--filter=xz"]
+            more = []
+            if args.same_liblzma and ours_version != nbdkit_version:
+                # nbdkit again, its xz filter loading our liblzma (a liblzma.so.5 link found first)
+                link_dir = os.path.join(work, "liblzma")
+                os.makedirs(link_dir, exist_ok=True)
+                os.symlink(ours_path, os.path.join(link_dir, "liblzma.so.5"))
+                more = [["env", f"LD_LIBRARY_PATH={link_dir}", *nbdkit_xz]]
+            ours, theirs, *same = timed_copies([*IMAGEFORMATS, "serve", *extra, xz, "--socket", sock],
+                                               nbdkit_xz, sock, args.repeat, *more)
             report("xz", small, ours, theirs, "nbdkit --filter=xz")
+            if same:
+                report("xz", small, ours, same[0], f"nbdkit, liblzma {ours_version}")
             os.unlink(raw)
             os.unlink(xz)
         if "luks" in cases:

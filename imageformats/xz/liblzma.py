@@ -145,6 +145,11 @@ def _open_library():
     return best
 
 
+def library_path() -> str:
+    """File name of the liblzma that decodes Blocks (as it was loaded)."""
+    return _liblzma()._name
+
+
 def version_string() -> str:
     """Version of the liblzma that decodes Blocks, e.g. "5.8.2"."""
     lib = _liblzma()
