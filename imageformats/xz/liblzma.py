@@ -160,6 +160,10 @@ def version_string() -> str:
 
 def _load():
     lib = _open_library()
+    try:
+        _version(lib)
+    except AttributeError:  # only a path given in the environment can be something else
+        raise UnsupportedFeatureError(f"{LIBRARY_ENV}: {lib._name} is not a liblzma") from None
     p = ctypes.POINTER(_LzmaStream)
     lib.lzma_stream_decoder.argtypes = [p, ctypes.c_uint64, ctypes.c_uint32]
     lib.lzma_stream_decoder.restype = ctypes.c_int
