@@ -116,6 +116,18 @@ def make_compressible_raw(path: str, size: int) -> None:
             f.write(os.urandom(chunk // 2) + text[: chunk // 2] if i % 2 else text)
 
 
+def make_xz_image(work: str, size: int) -> str:
+    """The xz case's image in WORK: make_compressible_raw, written by ``xz -T2 -1
+    --block-size=16MiB`` (the raw file is removed).  Returns the .xz path."""
+    raw = os.path.join(work, "x.raw")
+    make_compressible_raw(raw, size)
+    xz = raw + ".xz"
+    with open(xz, "wb") as out:
+        subprocess.run(["xz", "-T2", "-1", "--block-size=16MiB", "-c", raw], stdout=out, check=True)
+    os.unlink(raw)
+    return xz
+
+
 def report(name: str, size: int, ours: list, theirs: list, peer: str) -> None:
     """Best and median of each side's runs, and the ratios of both."""
     mib = size / (1 << 20)
@@ -157,11 +169,7 @@ def main() -> int:
             os.unlink(raw)
         small = max(size // 4, 16 << 20)
         if "xz" in cases:
-            raw = os.path.join(work, "x.raw")
-            make_compressible_raw(raw, small)
-            xz = raw + ".xz"
-            with open(xz, "wb") as out:
-                subprocess.run(["xz", "-T2", "-1", "--block-size=16MiB", "-c", raw], stdout=out, check=True)
+            xz = make_xz_image(work, small)
             ours_version, nbdkit_version, ours_path = liblzma_versions()
             print(f"xz    liblzma: ours {ours_version}, nbdkit's xz filter {nbdkit_version}")
             nbdkit_xz = ["nbdkit", "-f", "-U", sock, "file", xz, "--filter=xz"]
@@ -177,7 +185,6 @@ def main() -> int:
             report("xz", small, ours, theirs, "nbdkit --filter=xz")
             if same:
                 report("xz", small, ours, same[0], f"nbdkit, liblzma {ours_version}")
-            os.unlink(raw)
             os.unlink(xz)
         if "luks" in cases:
             raw = os.path.join(work, "l.raw")

@@ -32,17 +32,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     from imageformats.block import FileDevice
-    from nbd_serve import make_compressible_raw  # bench/ is sys.path[0] when run as a script
+    from nbd_serve import make_xz_image  # bench/ is sys.path[0] when run as a script
     from imageformats.xz.device import XzDevice
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
         path = args.file
         if path is None:
-            raw = os.path.join(work, "x.raw")
-            make_compressible_raw(raw, 256 << 20)  # the image bench/nbd_serve.py serves
-            path = raw + ".xz"
-            with open(path, "wb") as out:
-                subprocess.run(["xz", "-T2", "-1", "--block-size=16MiB", "-c", raw], stdout=out, check=True)
+            path = make_xz_image(work, 256 << 20)  # the image bench/nbd_serve.py serves
         dev = XzDevice(FileDevice(path), readahead=0)
         chunks = dev._shared.chunks
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS

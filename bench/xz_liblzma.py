@@ -69,16 +69,12 @@ def main() -> int:
     if args.child:
         child(args.file)
         return 0
-    from nbd_serve import make_compressible_raw  # bench/ is sys.path[0] when run as a script
+    from nbd_serve import make_xz_image  # bench/ is sys.path[0] when run as a script
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
         path = args.file
         if path is None:
-            raw = os.path.join(work, "x.raw")
-            make_compressible_raw(raw, 256 << 20)  # the image bench/nbd_serve.py serves
-            path = raw + ".xz"
-            with open(path, "wb") as out:
-                subprocess.run(["xz", "-T2", "-1", "--block-size=16MiB", "-c", raw], stdout=out, check=True)
+            path = make_xz_image(work, 256 << 20)  # the image bench/nbd_serve.py serves
         xz_version = subprocess.run(["xz", "--version"], capture_output=True, text=True).stdout.split("\n")[1]
         system = chosen = xz_tool = float("inf")
         for _ in range(args.repeat):  # alternate, so drift in machine speed hits all three alike

@@ -18,6 +18,9 @@ Blocks in about half the CPU time (bench/xz_liblzma.py).
 from __future__ import annotations
 
 import ctypes
+import glob
+import importlib.util
+import os
 
 from ..errors import UnsupportedFeatureError
 
@@ -94,10 +97,6 @@ def _system_library():
 def _bundled_paths() -> list[str]:
     """liblzma copies shipped inside installed wheels: imagecodecs' manylinux wheels carry a
     current release (5.8 in 2026) for their LZMA codec.  Found without importing imagecodecs."""
-    import glob
-    import importlib.util
-    import os
-
     try:
         spec = importlib.util.find_spec("imagecodecs")
     except (ImportError, ValueError):
@@ -123,8 +122,6 @@ def _open_library():
     """The newest liblzma at hand: the system's, or a wheel's newer copy.  liblzma 5.6 made
     LZMA decoding much faster (bench/xz_liblzma.py measures it); the format and checks are
     the same.  IMAGEFORMATS_LIBLZMA=system, or a path, overrides the choice."""
-    import os
-
     choice = os.environ.get(LIBRARY_ENV, "")
     if choice and choice != "system":
         try:
