@@ -83,7 +83,7 @@ def timed_copies(ours: list[str], theirs: list[str], sock: str, repeat: int, *mo
 def liblzma_versions() -> tuple[str, str, str]:
     """(ours, nbdkit's, ours' file): the liblzma our server decodes with and the one nbdkit's xz
     filter loads (with no LD_LIBRARY_PATH), so the figures say what each side ran."""
-    ours = subprocess.run([*IMAGEFORMATS[:1], "-c", "from imageformats.xz import liblzma; "
+    ours = subprocess.run([sys.executable, "-c", "from imageformats.xz import liblzma; "
                            "print(liblzma.version_string(), liblzma.library_path())"],
                           capture_output=True, text=True, check=True).stdout.split()
     config = subprocess.run(["nbdkit", "--dump-config"], capture_output=True, text=True, check=True).stdout
