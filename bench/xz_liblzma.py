@@ -23,25 +23,18 @@ import sys
 import tempfile
 
 
-def _cpu(who) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
-
-
 def child(path: str) -> None:
     """Decode every Block once and print "<version> <cpu seconds>"."""
     from imageformats.block import FileDevice
     from imageformats.xz import liblzma
     from imageformats.xz.device import XzDevice
+    from xz_decode_buffers import decode_into_one_buffer  # bench/ is sys.path[0]
 
     dev = XzDevice(FileDevice(path), readahead=0)
     chunks = dev._shared.chunks
     buf = mmap.mmap(-1, max(c.usize for c in chunks))
     dev._decode_chunk_into(chunks[0], dev.backing, memoryview(buf)[:chunks[0].usize])  # fault the buffer in
-    c0 = _cpu(resource.RUSAGE_SELF)
-    for c in chunks:
-        dev._decode_chunk_into(c, dev.backing, memoryview(buf)[:c.usize])
-    print(liblzma.version_string(), _cpu(resource.RUSAGE_SELF) - c0)
+    print(liblzma.version_string(), decode_into_one_buffer(dev, buf))
 
 
 def run_child(path: str, library: str | None) -> tuple[str, float]:
@@ -55,9 +48,11 @@ def run_child(path: str, library: str | None) -> tuple[str, float]:
 
 
 def run_xz(path: str) -> float:
-    c0 = _cpu(resource.RUSAGE_CHILDREN)
+    from xz_decode_buffers import cpu
+
+    c0 = cpu(resource.RUSAGE_CHILDREN)
     subprocess.run(["xz", "-dc", "-T1", path], stdout=subprocess.DEVNULL, check=True)
-    return _cpu(resource.RUSAGE_CHILDREN) - c0
+    return cpu(resource.RUSAGE_CHILDREN) - c0
 
 
 def main() -> int:
